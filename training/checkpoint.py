@@ -1,0 +1,89 @@
+"""Checkpoints: one directory per save holding ``checkpoint.pt`` (everything needed to resume
+exactly: weights, optimizer, scheduler step, EMA, RNG streams) and ``meta.json`` (epoch, step,
+metrics, the config), readable without torch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "checkpoint.pt"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: names the file and why."""
+
+
+def save(directory: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write ``state`` and ``meta`` atomically into ``directory`` (replaced if it exists)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    return directory
+
+
+def copy(src: str | Path, dst: str | Path) -> Path:
+    """Replace checkpoint directory ``dst`` with a copy of ``src``."""
+    dst = Path(dst)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def state_file(path: str | Path) -> Path:
+    """The ``checkpoint.pt`` of a checkpoint directory (or the file itself)."""
+    path = Path(path)
+    return path / STATE_FILE if path.is_dir() else path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint's state; a missing, truncated or foreign file is a CheckpointError."""
+    f = state_file(path)
+    if not f.exists():
+        raise CheckpointError(f"{f}: no such checkpoint file")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise CheckpointError(f"{f}: not a readable schedtune checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{f}: not a schedtune checkpoint (no 'model' entry)")
+    return state
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    return json.loads(((path if path.is_dir() else path.parent) / META_FILE).read_text())
+
+
+def load_model_state(model: torch.nn.Module, path: str | Path, state: dict | None = None) -> None:
+    """Load weights into ``model``; a checkpoint of another architecture is a CheckpointError."""
+    state = state if state is not None else load(path)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise CheckpointError(f"{state_file(path)}: does not fit this model: {' '.join(first)}") from e
+
+
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    out = {"torch": torch.get_rng_state(), "aug": gen.get_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(s["torch"])
+    gen.set_state(s["aug"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])

@@ -1,0 +1,269 @@
+"""The per-worker training loop: ``fit(cfg, report)``.
+
+Runs on one process, or on every worker of a data-parallel group when a
+``torch.distributed`` process group exists (the caller creates it; Ray Train does). The step
+body is tiny (forward, backward, clip, step, schedule); evaluation, checkpointing and
+reporting happen once per epoch. Metrics are aggregated across workers (sums all-reduced),
+so every worker reports the same numbers. Nothing here knows about Ray.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from training import checkpoint as ckpt
+from training.config import TrainConfig
+from training.data import DataBundle, load_data
+from training.models import apply_transfer, build_model
+from training.optim import build_optimizer
+from training.regularizers import augment_images, mix_batch, param_groups, soft_cross_entropy
+from training.schedules import StepPlan, lambda_lr, plan_steps
+
+# report(metrics, checkpoint_dir): checkpoint_dir is a directory to persist, or None.
+Reporter = Callable[[dict[str, float], Optional[str]], None]
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient became NaN/Inf: training stopped at ``step`` with learning rate ``lr``."""
+
+    def __init__(self, step: int, lr: float, value: float, what: str = "gradient norm"):
+        self.step, self.lr, self.value = step, lr, value
+        super().__init__(f"diverged at step {step} (lr {lr:.4g}): {what} is {value}")
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)   # one metrics dict per epoch
+    step_losses: list[float] = field(default_factory=list)          # train loss per step (this process)
+    best: Optional[dict[str, float]] = None                         # metrics of the best epoch
+    best_checkpoint: Optional[str] = None
+    last_checkpoint: Optional[str] = None
+    plan: Optional[StepPlan] = None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum ``values`` over all workers (identity on one process)."""
+    if _world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def default_device(cfg: TrainConfig) -> torch.device:
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class _Run:
+    """Everything one fit() call builds; the functions below share it."""
+    cfg: TrainConfig
+    data: DataBundle
+    plan: StepPlan
+    model: nn.Module          # DDP-wrapped where distributed
+    core: nn.Module           # the bare model (for checkpoints, EMA)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: Optional[torch.optim.swa_utils.AveragedModel]
+    gen: torch.Generator      # augmentation / mixing stream (per worker)
+    device: torch.device
+    step: int = 0
+
+
+def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
+    """Data, model, optimizer, scheduler and EMA for ``cfg`` on this worker."""
+    rank, world = _world()
+    device = device or default_device(cfg)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every worker
+    data = load_data(cfg.data)
+    plan = plan_steps(cfg, len(data.train))
+    core = build_model(cfg.model, data.num_classes, data.input_shape,
+                       stochastic_depth=cfg.regularization.stochastic_depth)
+    _, head = apply_transfer(core, cfg.model)
+    if cfg.scaling.sync_batchnorm and world > 1:
+        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    core.to(device)
+    model = core
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda" else None)
+    groups = param_groups(core, cfg.optim, plan.peak_lr, {id(p) for p in head},
+                          cfg.model.effective_backbone_lr_mult)
+    optimizer = build_optimizer(groups, cfg.optim)
+    scheduler = lambda_lr(optimizer, cfg, plan)
+    ema = None
+    if cfg.regularization.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.regularization.ema_decay), use_buffers=True)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    return _Run(cfg, data, plan, model, core, optimizer, scheduler, ema, gen, device)
+
+
+def _loader(run: _Run, epoch: int) -> DataLoader:
+    rank, world = _world()
+    sampler = DistributedSampler(run.data.train, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=run.cfg.seed)
+    sampler.set_epoch(epoch)  # a new permutation every epoch, disjoint shards across workers
+    return DataLoader(run.data.train, batch_size=run.cfg.scaling.batch_per_worker, sampler=sampler,
+                      drop_last=True, num_workers=run.cfg.data.loader_workers)
+
+
+def _update_ratio(run: _Run, before: list[torch.Tensor]) -> float:
+    """Median over weight matrices of ||w_after - w_before|| / ||w_before|| (want ~1e-3)."""
+    ratios = [((p.detach() - b).norm() / (b.norm() + 1e-12)).item()
+              for p, b in zip(_weights(run), before)]
+    return float(torch.tensor(ratios).median()) if ratios else 0.0
+
+
+def _weights(run: _Run) -> list[torch.Tensor]:
+    return [p for p in run.core.parameters() if p.requires_grad and p.dim() > 1]
+
+
+def train_one_epoch(run: _Run, epoch: int, step_losses: list[float]) -> dict[str, float]:
+    """One pass over this worker's shard; returns aggregated train metrics."""
+    cfg, accum = run.cfg, run.cfg.scaling.grad_accum_steps
+    run.model.train()
+    loss_sum = correct = count = norm_sum = 0.0
+    n_steps, ratio, lr = 0, 0.0, 0.0
+    batches = itertools.islice(_loader(run, epoch), run.plan.steps_per_epoch * accum)
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        x = augment_images(x, cfg.data, cfg.regularization, run.gen)
+        xm, target = mix_batch(x, y, cfg.regularization, run.data.num_classes, run.gen)
+        last_micro = (i + 1) % accum == 0
+        skip_sync = accum > 1 and not last_micro and hasattr(run.model, "no_sync")
+        sync = run.model.no_sync() if skip_sync else contextlib.nullcontext()
+        with sync:
+            logits = run.model(xm)
+            loss = soft_cross_entropy(logits, target, cfg.regularization.label_smoothing)
+            (loss / accum).backward()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += len(y)
+        step_losses.append(loss.item())
+        if not last_micro:
+            continue
+        lr = run.optimizer.param_groups[-1]["lr"]
+        norm = nn.utils.clip_grad_norm_(run.core.parameters(), cfg.optim.grad_clip or math.inf).item()
+        if not math.isfinite(norm):  # grads are all-reduced: every worker stops at the same step
+            raise Diverged(run.step, lr, norm)
+        measure = n_steps == run.plan.steps_per_epoch - 1
+        before = [w.detach().clone() for w in _weights(run)] if measure else None
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.core)
+        if before is not None:
+            ratio = _update_ratio(run, before)
+        run.step += 1
+        n_steps += 1
+        norm_sum += norm
+    loss_sum, correct, count = _all_sum([loss_sum, correct, count], run.device)
+    train_loss = loss_sum / max(count, 1)
+    if not math.isfinite(train_loss):
+        raise Diverged(run.step, run.optimizer.param_groups[-1]["lr"], train_loss, "train loss")
+    return {"train_loss": train_loss, "train_acc": correct / max(count, 1), "lr": lr,
+            "grad_norm": norm_sum / max(n_steps, 1), "update_ratio": ratio, "samples": count}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, run: _Run) -> dict[str, float]:
+    """Validation loss/accuracy over the whole val set, each worker taking a contiguous shard."""
+    rank, world = _world()
+    n = len(run.data.val)
+    idx = range(rank * n // world, (rank + 1) * n // world)
+    loader = DataLoader(Subset(run.data.val, idx), batch_size=max(run.cfg.scaling.batch_per_worker, 256))
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for x, y in loader:
+        x, y = x.to(run.device), y.to(run.device)
+        logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += len(y)
+    loss_sum, correct, count = _all_sum([loss_sum, correct, count], run.device)
+    return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
+
+
+def _state(run: _Run, epoch: int, best: Optional[dict]) -> dict[str, Any]:
+    return {"model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
+            "rng": ckpt.rng_state(run.gen), "epoch": epoch, "step": run.step, "best": best}
+
+
+def _restore(run: _Run, path: str | Path) -> tuple[int, Optional[dict]]:
+    state = ckpt.load(path)
+    ckpt.load_model_state(run.core, path, state)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None and state.get("ema") is not None:
+        run.ema.load_state_dict(state["ema"])
+    ckpt.set_rng_state(state["rng"], run.gen)
+    run.step = state["step"]
+    return state["epoch"], state.get("best")
+
+
+def _better(a: float, b: float, mode: str) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path | None = None,
+        resume_from: str | Path | None = None, device: torch.device | None = None) -> FitResult:
+    """Train ``cfg.epochs`` epochs (or what remains after ``resume_from``), reporting each epoch.
+
+    Every worker calls ``report(metrics, checkpoint_dir)``; only rank 0 passes a directory.
+    ``workdir`` holds the ``latest`` and ``best`` checkpoints (a temp dir when None).
+    Raises ``Diverged`` on a NaN/Inf loss or gradient.
+    """
+    rank, world = _world()
+    run = build_run(cfg, device)
+    result = FitResult(plan=run.plan)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="schedtune-fit-"))
+    start_epoch, best = _restore(run, resume_from) if resume_from else (0, None)
+    key, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        tr = train_one_epoch(run, epoch, result.step_losses)
+        train_time = time.perf_counter() - t0
+        samples = tr.pop("samples")
+        metrics = {"epoch": epoch + 1, "step": run.step, **tr, **evaluate(run.model, run),
+                   "samples_per_s": samples / train_time}
+        if run.ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in evaluate(run.ema, run).items()})
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        is_best = key in metrics and (best is None or _better(metrics[key], best[key], mode))
+        if is_best:
+            best = dict(metrics)
+        directory = None
+        if rank == 0 and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs):
+            meta = {"epoch": epoch + 1, "step": run.step, "metrics": metrics, "is_best": is_best,
+                    "config": cfg.to_dict(), "class_names": run.data.class_names,
+                    "num_classes": run.data.num_classes, "input_shape": list(run.data.input_shape)}
+            directory = str(ckpt.save(workdir / "latest", _state(run, epoch + 1, best), meta))
+            result.last_checkpoint = directory
+            if is_best:
+                result.best_checkpoint = str(ckpt.copy(directory, workdir / "best"))
+        result.history.append(metrics)
+        if report is not None:
+            report(metrics, directory)
+    result.best = best
+    return result

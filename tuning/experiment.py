@@ -1,0 +1,316 @@
+"""The Tune driver: a validated ExperimentSpec in, a finished (or resumed) experiment out.
+
+``run_experiment`` sizes concurrency to what the cluster can give full worker groups, starts
+(or joins) Ray, runs the Tuner with the searcher and scheduler the spec names, logs everything
+to MLflow (tuning.tracking) and registers the best trial's model. The code that runs inside a
+trial is in tuning.trial.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from training.config import TrainConfig
+from tuning.space import ExperimentSpec, to_tune
+
+TRIAL_DRIVER_CPU = 0.25      # the Tune trial process of a Train run mostly waits on its workers
+WORKER_MEMORY_GB = 1.5       # a torch worker process (the CUDA build) on CPU, measured ~1 GB
+
+
+def trial_demand(cfg: TrainConfig) -> dict[str, float]:
+    """Resources one trial holds while it runs (driver + worker group)."""
+    s = cfg.scaling
+    if s.num_workers == 1:
+        return {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0.0,
+                "memory_gb": WORKER_MEMORY_GB}
+    return {"CPU": TRIAL_DRIVER_CPU + s.num_workers * s.cpus_per_worker,
+            "GPU": s.num_workers * s.gpus_per_worker if s.use_gpu else 0.0,
+            "memory_gb": 0.5 + s.num_workers * WORKER_MEMORY_GB}
+
+
+def _extreme_configs(spec: ExperimentSpec) -> list[TrainConfig]:
+    """The base config and each scaling-relevant extreme of the space (for sizing)."""
+    cfgs = [spec.base]
+    for key, d in spec.space.items():
+        if key == "scaling" or key.startswith("scaling."):
+            cfgs += [spec.base.with_updates({key: v}) for v in d.extremes()]
+    return cfgs
+
+
+class ResourceError(RuntimeError):
+    """The cluster cannot run even one trial of this experiment."""
+
+
+def max_concurrent(spec: ExperimentSpec, cluster: dict[str, float], memory_gb: Optional[float],
+                   autoscaling: bool = False) -> int:
+    """How many trials can hold a full worker group at once (``max_concurrent_trials: auto``).
+
+    ``cluster`` is ``ray.cluster_resources()``; ``memory_gb`` the machine's available memory for
+    a local cluster (None: not limiting). On a cluster that autoscales, a shortfall is not an
+    error: one trial is admitted and its worker group waits (bounded) for new nodes.
+    """
+    demand = max((trial_demand(c) for c in _extreme_configs(spec)), key=lambda d: (d["GPU"], d["CPU"]))
+    fits = []
+    for res, need in (("CPU", demand["CPU"]), ("GPU", demand["GPU"])):
+        if need > 0:
+            fits.append(math.floor(cluster.get(res, 0.0) / need + 1e-9))
+    if memory_gb is not None:
+        fits.append(math.floor(memory_gb / demand["memory_gb"]))
+    n = min(fits) if fits else 1
+    if n < 1:
+        if autoscaling:
+            return 1
+        have = {k: cluster.get(k, 0.0) for k in ("CPU", "GPU")}
+        raise ResourceError(
+            f"one trial needs {demand['CPU']:g} CPU, {demand['GPU']:g} GPU and ~{demand['memory_gb']:g} GB "
+            f"(scaling.num_workers x cpus_per_worker/gpus_per_worker, plus the trial driver) but the "
+            f"cluster has {have['CPU']:g} CPU, {have['GPU']:g} GPU"
+            + (f", {memory_gb:.1f} GB free memory" if memory_gb is not None else "")
+            + ": lower scaling.num_workers or cpus_per_worker, or add nodes")
+    return n
+
+
+# ----------------------------------------------------------------------------- the driver
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str                 # completed | stopped by ASHA at epoch N | diverged | failed
+    epochs: int
+    metric: Optional[float]     # best value of the experiment's metric over the trial's epochs
+    params: dict[str, Any]
+    error: Optional[str] = None
+
+
+@dataclass
+class ExperimentResult:
+    name: str
+    path: str                   # storage/name: where Tune keeps the experiment (for --resume)
+    rows: list[TrialRow]        # sorted best first
+    best: Optional[TrialRow]
+    parent_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str                 # completed | stopped by ASHA at epoch N | diverged | failed
+    epochs: int
+    metric: Optional[float]     # best value of the experiment's metric over the trial's epochs
+    params: dict[str, Any]
+    run_id: Optional[str] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class ExperimentResult:
+    name: str
+    path: str                   # where Tune keeps this invocation (what --resume restores)
+    rows: list[TrialRow]        # best first; diverged and failed trials last
+    tracking_uri: str
+    experiment_id: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    model_version: Optional[str] = None
+    lost_metrics: int = 0
+
+    @property
+    def best(self) -> Optional[TrialRow]:
+        ok = [r for r in self.rows if r.metric is not None and r.status not in ("diverged", "failed")]
+        return ok[0] if ok else None
+
+
+def resolve_storage(storage: Optional[str]) -> str:
+    """Absolute local path (created and checked writable) or a URI (s3://, gs://, ...)."""
+    storage = storage or "./schedtune_results"
+    if "://" in storage:
+        return storage
+    p = Path(storage).expanduser().resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".schedtune-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise StorageError(f"results storage {p} is not writable ({e.strerror}): pass --storage DIR") from None
+    return str(p)
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+def latest_run_dir(storage: str, name: str) -> Optional[str]:
+    """The newest restorable invocation of experiment ``name`` under ``storage`` (local)."""
+    root = Path(storage) / name
+    runs = sorted(p for p in root.glob("*") if (p / "tuner.pkl").exists()) if root.is_dir() else []
+    return str(runs[-1]) if runs else None
+
+
+def _searcher(spec: ExperimentSpec):
+    o = spec.options
+    if o.search == "optuna_tpe":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=o.metric, mode=o.mode, seed=o.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=o.seed)
+
+
+def _scheduler(spec: ExperimentSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.options.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=spec.base.epochs, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def _trial_resources(spec: ExperimentSpec) -> Callable[[dict], dict]:
+    def resources(config: dict) -> dict:
+        s = spec.trial_config(config).scaling
+        if s.num_workers == 1:
+            return {"cpu": s.cpus_per_worker, "gpu": s.gpus_per_worker if s.use_gpu else 0}
+        return {"cpu": TRIAL_DRIVER_CPU}
+    return resources
+
+
+def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
+                   address: Optional[str] = None, resume: bool = False, num_cpus: Optional[int] = None,
+                   out: Callable[[str], None] = print) -> ExperimentResult:
+    """Run ``spec`` to the end on a private local Ray cluster (or the one at ``address``).
+
+    Everything that can be wrong is checked before Ray starts: the tracking backend, the
+    storage, the cluster's room for one trial (after Ray starts, before any trial).
+    """
+    from tuning.tracking import check_tracking, resolve_tracking_uri
+
+    storage = resolve_storage(storage)
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking(uri)
+    name = spec.options.name
+    if resume:
+        run_dir = latest_run_dir(storage, name) if "://" not in storage else None
+        if run_dir is None:
+            raise FileNotFoundError(f"nothing to resume: no interrupted run of {name!r} under {storage}/{name}")
+    else:
+        run_dir = f"{storage}/{name}/{time.strftime('%Y%m%d-%H%M%S')}"
+    cluster = None
+    import ray
+
+    try:
+        if address is None:
+            from tuning.cluster import LocalCluster
+
+            cluster = LocalCluster(num_cpus=num_cpus or os.cpu_count() or 1).start()
+            address = cluster.address
+            out(f"started a local Ray cluster ({cluster.num_cpus} CPUs, dashboard {cluster.dashboard_url})")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+        return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+
+
+def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bool, local: bool,
+          out: Callable[[str], None]) -> ExperimentResult:
+    import ray
+    from ray import tune
+
+    from tuning.progress import ProgressPrinter
+    from tuning.tracking import MLflowTracker
+    from tuning.trial import trial_fn
+
+    o = spec.options
+    memory_gb = None
+    if local:
+        import psutil
+
+        memory_gb = psutil.virtual_memory().available / 1e9
+    limit = max_concurrent(spec, ray.cluster_resources(), memory_gb, autoscaling=not local)
+    if o.max_concurrent_trials != "auto":
+        limit = min(limit, o.max_concurrent_trials) if local else o.max_concurrent_trials
+    train_storage = f"{run_dir}/train"
+    tracker = MLflowTracker(spec, uri, run_dir, train_storage)
+    progress = ProgressPrinter(spec, out)
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec, storage=train_storage),
+                                    _trial_resources(spec))
+    out(f"{o.name}: {o.num_samples} trials, {limit} at a time, results in {run_dir}, MLflow {uri}")
+    if resume:
+        tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=to_tune(spec))
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(spec),
+            tune_config=tune.TuneConfig(metric=o.metric, mode=o.mode, num_samples=o.num_samples,
+                                        search_alg=_searcher(spec), scheduler=_scheduler(spec),
+                                        max_concurrent_trials=limit),
+            run_config=tune.RunConfig(
+                name=Path(run_dir).name, storage_path=str(Path(run_dir).parent) if "://" not in run_dir
+                else run_dir.rsplit("/", 1)[0], callbacks=[tracker, progress], verbose=0,
+                failure_config=tune.FailureConfig(max_failures=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=o.metric,
+                                                        checkpoint_score_order=o.mode)))
+    grid = tuner.fit()
+    tracker = next((c for c in _callbacks(tuner) if isinstance(c, MLflowTracker)), tracker)
+    rows = _rows(spec, grid, tracker)
+    result = ExperimentResult(o.name, run_dir, rows, uri, tracker.experiment_id, tracker.parent_run_id)
+    if result.best and result.best.run_id:
+        result.model_version = register_best(uri, result.best.run_id, o.name, out)
+    from tuning.report import results_table
+
+    best = result.best
+    tracker.finish(results_table(result, spec), {"trial_id": best.trial_id, "run_id": best.run_id or "",
+                                                 "metric": best.metric} if best else None, result.model_version)
+    result.lost_metrics = sum(len(v) for v in tracker._buffer.values())
+    return result
+
+
+def _callbacks(tuner) -> list:
+    try:
+        return list(tuner._local_tuner.get_run_config().callbacks or [])
+    except AttributeError:
+        return []
+
+
+def _rows(spec: ExperimentSpec, grid, tracker) -> list[TrialRow]:
+    from tuning.tracking import end_state, training_metrics
+
+    o = spec.options
+    rows = []
+    for r in grid:
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        history = r.metrics_dataframe
+        values = []
+        if history is not None and o.metric in history:
+            values = [v for v in history[o.metric].tolist() if isinstance(v, (int, float)) and math.isfinite(v)]
+        last = r.metrics or {}
+        status = end_state(last, r.error is not None, spec.base.epochs, o.scheduler.name)
+        best = (max(values) if o.mode == "max" else min(values)) if values and status not in ("diverged", "failed") else None
+        params = {k: v for k, v in (r.config or {}).items() if k in spec.space}
+        rows.append(TrialRow(trial_id, status, int(last.get("epoch", 0)), best, params,
+                             tracker._children.get(trial_id), str(r.error).splitlines()[0][:200] if r.error else None))
+    sign = -1 if o.mode == "max" else 1
+    rows.sort(key=lambda r: (r.metric is None, sign * (r.metric or 0.0)))
+    return rows
+
+
+def register_best(uri: str, run_id: str, name: str, out: Callable[[str], None]) -> Optional[str]:
+    """Register the best trial's model in the MLflow Model Registry (in a subprocess, so the
+    driver never imports torch). Returns the model version, or None with the reason printed."""
+    cmd = [sys.executable, "-m", "tuning.register", "--tracking-uri", uri, "--run-id", run_id, "--name", name]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        out(f"could not register the best model: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        return None
+    return p.stdout.strip().splitlines()[-1]

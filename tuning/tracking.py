@@ -1,0 +1,294 @@
+"""MLflow tracking as a Tune callback on the driver.
+
+Layout (what a person sees in the MLflow UI): one MLflow experiment per experiment name; one
+parent run per invocation (``--resume`` reuses it); one child run per trial
+(``mlflow.parentRunId``) with the trial's flattened TrainConfig as params, per-epoch metrics
+(step = epoch), a tag saying how the trial ended, and its best and last checkpoints as
+artifacts. Runs are found again by tags (``schedtune.run_dir``, ``schedtune.trial_id``), so a
+resumed experiment never duplicates them. Metrics are buffered and sent in batches; a tracking
+server that goes away is retried at the next flush and never fails a trial.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+from ray.tune import Callback
+
+from tuning.space import ExperimentSpec
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FLUSH_EVERY_S = 2.0
+# Keys Tune adds to every result: not training metrics.
+_TUNE_KEYS = {"epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+              "time_since_restore", "iterations_since_restore", "pid", "done", "diverged_step"}
+
+
+FAILED = object()  # what MLflowTracker._safe returns when the call raised
+
+
+class TrackingError(RuntimeError):
+    """The tracking backend cannot be used: says which URI and what to do."""
+
+
+def resolve_tracking_uri(uri: Optional[str]) -> str:
+    """``uri``, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (made absolute)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail fast (before any trial starts) when the tracking backend is unusable."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:
+            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({e}): start it, or pass "
+                                f"--tracking-uri (default {DEFAULT_TRACKING_URI})") from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).parent
+        if not (parent.is_dir() and os.access(parent, os.W_OK)):
+            raise TrackingError(f"cannot write the MLflow database {uri}: {parent} is not a writable directory")
+
+
+def end_state(last: dict[str, Any], errored: bool, epochs: int, scheduler: str) -> str:
+    """How a trial ended, from its last result: completed / stopped by ASHA at epoch N /
+    diverged / failed."""
+    if errored:
+        return "failed"
+    if last.get("diverged"):
+        return "diverged"
+    epoch = int(last.get("epoch", 0))
+    if epoch >= epochs:
+        return "completed"
+    return f"stopped by {'ASHA' if scheduler == 'asha' else 'the scheduler'} at epoch {epoch}"
+
+
+def training_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite training metrics of a Tune result."""
+    return {k: float(v) for k, v in result.items()
+            if k not in _TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
+def find_checkpoints(path: str) -> list[tuple[str, dict]]:
+    """(directory, meta) of every schedtune checkpoint directly under ``path`` (local or URI)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(path)
+    except Exception:
+        fs, root = pafs.LocalFileSystem(), path
+    out = []
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    for info in infos:
+        if info.type != pafs.FileType.Directory:
+            continue
+        try:
+            with fs.open_input_stream(f"{info.path}/meta.json") as f:
+                out.append((info.path, json.loads(f.read())))
+        except (OSError, ValueError):
+            continue
+    return [(p if "://" not in path else path.split("://")[0] + "://" + p, m) for p, m in out]
+
+
+def best_and_last(checkpoints: list[tuple[str, dict]], metric: str, mode: str):
+    """The best-by-metric and the latest of ``find_checkpoints``' results (None when empty)."""
+    if not checkpoints:
+        return None, None
+    last = max(checkpoints, key=lambda c: c[1]["epoch"])
+    scored = [c for c in checkpoints if metric in c[1].get("metrics", {})]
+    sign = 1 if mode == "max" else -1
+    best = max(scored, key=lambda c: sign * c[1]["metrics"][metric]) if scored else last
+    return best, last
+
+
+class MLflowTracker(Callback):
+    """Logs an experiment to MLflow from the Tune driver (see the module docstring)."""
+
+    def __init__(self, spec: ExperimentSpec, tracking_uri: str, run_dir: str, train_storage: str):
+        self.spec, self.uri, self.run_dir, self.train_storage = spec, tracking_uri, run_dir, train_storage
+        self._client = None
+        self.experiment_id: Optional[str] = None
+        self.parent_run_id: Optional[str] = None
+        self._children: dict[str, str] = {}
+        self._buffer: dict[str, list] = {}
+        self._last: dict[str, dict] = {}
+        self._last_flush = 0.0
+        self._warned = False
+        self.lost: dict[str, int] = {}
+
+    # -- plumbing
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            self._client = mlflow.MlflowClient(self.uri)
+        return self._client
+
+    def __getstate__(self):  # Tune pickles callbacks with the experiment state
+        return {**self.__dict__, "_client": None}
+
+    def _safe(self, what: str, fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # the tracking server is down: training goes on
+            if not self._warned:
+                print(f"[schedtune] MLflow at {self.uri} failed to {what} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}); training continues, retrying", file=sys.stderr)
+                self._warned = True
+            return FAILED
+
+    def _find_run(self, tags: dict[str, str]) -> Optional[str]:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    # -- Tune hooks
+    def setup(self, **info):
+        name = self.spec.options.name
+        exp = self.client.get_experiment_by_name(name)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.parent_run_id = self._find_run({"schedtune.run_dir": self.run_dir})
+        if self.parent_run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=f"{name}-{Path(self.run_dir).name}", tags={
+                "schedtune.run_dir": self.run_dir, "schedtune.role": "experiment",
+                "schedtune.space_file": self.spec.file, "schedtune.space_sha256": self.spec.sha256})
+            self.parent_run_id = run.info.run_id
+            o = self.spec.options
+            self.client.log_batch(self.parent_run_id, params=[_param(k, v) for k, v in {
+                "search": o.search, "num_samples": o.num_samples, "metric": o.metric, "mode": o.mode,
+                "scheduler": o.scheduler.name, "seed": o.seed}.items()])
+            self.client.log_text(self.parent_run_id, self.spec.text, "search_space.yaml")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if trial.trial_id in self._children:
+            return
+        tags = {"mlflow.parentRunId": self.parent_run_id, "schedtune.trial_id": trial.trial_id}
+        run_id = self._safe("find a trial run", self._find_run, tags)
+        if run_id is FAILED:
+            return
+        if run_id is None:
+            cfg = self.spec.trial_config(trial.config)
+            run = self._safe("create a trial run", self.client.create_run, self.experiment_id,
+                             run_name=trial.trial_id, tags={**tags, "schedtune.status": "running"})
+            if run is FAILED:
+                return
+            run_id = run.info.run_id
+            self._safe("log params", self.client.log_batch, run_id,
+                       params=[_param(k, v) for k, v in cfg.flat().items()])
+        self._children[trial.trial_id] = run_id
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        self._last[trial.trial_id] = result
+        step, now = int(result.get("epoch", result.get("training_iteration", 0))), int(time.time() * 1000)
+        self._buffer.setdefault(trial.trial_id, []).extend(
+            Metric(k, v, now, step) for k, v in training_metrics(result).items())
+        if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        for trial_id, metrics in list(self._buffer.items()):
+            run_id = self._children.get(trial_id)
+            if not metrics or run_id is None:
+                continue
+            while metrics:  # 1000 per call: MLflow's log_batch limit
+                if self._safe("log metrics", self.client.log_batch, run_id, metrics=metrics[:1000]) is FAILED:
+                    return  # still down: keep the rest buffered for the next flush
+                del metrics[:1000]
+
+    def _end_trial(self, trial, errored: bool) -> None:
+        if trial.trial_id not in self._children:
+            self.on_trial_start(0, [], trial)
+        self.flush()
+        run_id = self._children.get(trial.trial_id)
+        if run_id is None:
+            return
+        last = self._last.get(trial.trial_id, {})
+        state = end_state(last, errored, self.spec.base.epochs, self.spec.options.scheduler.name)
+        tags = {"schedtune.status": state, "schedtune.end_epoch": str(int(last.get("epoch", 0)))}
+        if last.get("diverged"):
+            tags.update({"schedtune.diverged_step": str(int(last["diverged_step"])),
+                         "schedtune.diverged_lr": f"{last['diverged_lr']:.6g}"})
+        if errored and getattr(trial, "error_file", None):
+            tags["schedtune.error_file"] = str(trial.error_file)
+        for k, v in tags.items():
+            self._safe("tag a trial", self.client.set_tag, run_id, k, v)
+        self._safe("log checkpoints", self._log_checkpoints, trial, run_id)
+        self._safe("end a trial run", self.client.set_terminated, run_id, "FAILED" if errored else "FINISHED")
+
+    def _log_checkpoints(self, trial, run_id: str) -> None:
+        import pyarrow.fs as pafs
+
+        found = find_checkpoints(trial.path) + find_checkpoints(f"{self.train_storage}/train-{trial.trial_id}")
+        best, last = best_and_last(found, self.spec.options.metric, self.spec.options.mode)
+        for label, ckpt in (("best", best), ("last", last)):
+            if ckpt is None:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                pafs.copy_files(ckpt[0], tmp)
+                self.client.log_artifacts(run_id, tmp, f"checkpoints/{label}")
+            self.client.set_tag(run_id, f"schedtune.checkpoint_{label}_epoch", str(ckpt[1]["epoch"]))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end_trial(trial, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end_trial(trial, errored=True)
+
+    def finish(self, table_md: str, best: Optional[dict], model_version: Optional[str]) -> None:
+        """Close the parent run: results table, best trial, registered model."""
+        self.flush()
+        pending = sum(len(v) for v in self._buffer.values())
+        if pending:
+            print(f"[schedtune] {pending} metric values could not be sent to {self.uri}", file=sys.stderr)
+            self._safe("tag lost metrics", self.client.set_tag, self.parent_run_id,
+                       "schedtune.lost_metrics", str(pending))
+        self._safe("log the results table", self.client.log_text, self.parent_run_id, table_md, "results.md")
+        if best:
+            self._safe("tag the best trial", self.client.log_batch, self.parent_run_id, tags=[
+                _tag("schedtune.best_trial_id", best["trial_id"]), _tag("schedtune.best_run_id", best["run_id"])],
+                metrics=[_metric(f"best_{self.spec.options.metric}", best["metric"])])
+        if model_version:
+            self._safe("tag the model", self.client.set_tag, self.parent_run_id, "schedtune.model_version", model_version)
+        self._safe("end the experiment run", self.client.set_terminated, self.parent_run_id, "FINISHED")
+
+
+def _param(k: str, v: Any):
+    from mlflow.entities import Param
+
+    return Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+
+
+def _tag(k: str, v: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(k, v)
+
+
+def _metric(k: str, v: float):
+    from mlflow.entities import Metric
+
+    return Metric(k, v, int(time.time() * 1000), 0)

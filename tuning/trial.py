@@ -1,0 +1,111 @@
+"""What runs inside a trial: the Tune function trainable and the Train worker function.
+
+With ``scaling.num_workers > 1`` a trial is a ``TorchTrainer`` run (Train V2, DDP over gloo on
+CPU / nccl on GPU) whose reports reach Tune through ``TuneReportCallback``; the Train run is
+named by trial id so a restarted trial resumes in place. With one worker the trial runs
+``fit`` in its own process (Train adds ~14 s of start-up and nothing else for one worker).
+A diverged run reports itself as such (flag, step, LR, worst metric) and ends normally, so the
+experiment goes on and the trial never counts as best.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from training.config import TrainConfig
+from tuning.space import ExperimentSpec
+
+FAILURE_CONTROLLER_LIMIT = 2  # a worker group that cannot start fails the trial after 2 tries
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Runs on every Train worker: fit() with Train's reporting and checkpoint restore."""
+    import ray.train
+    import ray.train.torch
+
+    from training.loop import Diverged, fit
+
+    cfg = TrainConfig.from_dict(loop_config["train"])
+    ctx = ray.train.get_context()
+    with tempfile.TemporaryDirectory(prefix="schedtune-worker-") as work:
+        resume = _restored(ray.train.get_checkpoint(), work)
+
+        def report(metrics: dict, directory: Optional[str]) -> None:
+            ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{metrics['epoch']:04d}")
+
+        try:
+            fit(cfg, report, workdir=Path(work) / f"rank{ctx.get_world_rank()}", resume_from=resume,
+                device=ray.train.torch.get_device())
+        except Diverged as e:
+            ray.train.report(_diverged_metrics(e, cfg, loop_config["metric"], loop_config["mode"]))
+
+
+def _restored(checkpoint, work: str) -> Optional[str]:
+    if checkpoint is None:
+        return None
+    return checkpoint.to_directory(str(Path(work) / "restored"))
+
+
+def _diverged_metrics(e, cfg: TrainConfig, metric: str, mode: str) -> dict[str, float]:
+    """What a diverged trial reports last: flagged, with the step and LR, and the worst metric
+    (so ASHA stops it and it never counts as best)."""
+    return {"epoch": cfg.epochs, "diverged": 1.0, "diverged_step": float(e.step), "diverged_lr": e.lr,
+            metric: -math.inf if mode == "max" else math.inf}
+
+
+def trial_fn(config: dict, spec: ExperimentSpec, storage: str) -> None:
+    """The Tune function trainable: one trial of ``spec`` with the sampled ``config``."""
+    from ray import tune
+
+    cfg = spec.trial_config(config)
+    metric, mode = spec.options.metric, spec.options.mode
+    trial_id = tune.get_context().get_trial_id()
+    if cfg.scaling.num_workers == 1:
+        return _trial_in_process(cfg, metric, mode)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    s = cfg.scaling
+    per_worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"train": cfg.to_dict(), "metric": metric, "mode": mode},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=storage,
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+            failure_config=ray.train.FailureConfig(max_failures=1,
+                                                   controller_failure_limit=FAILURE_CONTROLLER_LIMIT),
+        ),
+    )
+    trainer.fit()
+
+
+def _trial_in_process(cfg: TrainConfig, metric: str, mode: str) -> None:
+    import torch
+    from ray import tune
+
+    from training.loop import Diverged, fit
+
+    device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else None
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    with tempfile.TemporaryDirectory(prefix="schedtune-trial-") as work:
+        resume = _restored(tune.get_checkpoint(), work)
+
+        def report(metrics: dict, directory: Optional[str]) -> None:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+        try:
+            fit(cfg, report, workdir=Path(work) / "run", resume_from=resume, device=device)
+        except Diverged as e:
+            tune.report(_diverged_metrics(e, cfg, metric, mode))
+
+
