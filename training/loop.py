@@ -120,7 +120,7 @@ def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
 def _loader(run: _Run, epoch: int) -> DataLoader:
     rank, world = _world()
     sampler = DistributedSampler(run.data.train, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=run.cfg.seed)
+                                 seed=run.cfg.seed, drop_last=True)  # disjoint shards: no padding repeats
     sampler.set_epoch(epoch)  # a new permutation every epoch, disjoint shards across workers
     return DataLoader(run.data.train, batch_size=run.cfg.scaling.batch_per_worker, sampler=sampler,
                       drop_last=True, num_workers=run.cfg.data.loader_workers)

@@ -128,9 +128,9 @@ class StepPlan:
 
 
 def plan_steps(cfg: TrainConfig, train_size: int) -> StepPlan:
-    """Steps per epoch for ``train_size`` samples split across workers (last partial batch dropped)."""
+    """Steps per epoch for ``train_size`` samples split across workers (partial batches dropped)."""
     sc = cfg.scaling
-    per_worker = math.ceil(train_size / sc.num_workers)  # DistributedSampler pads to equal shards
+    per_worker = train_size // sc.num_workers  # disjoint equal shards (the sampler drops the remainder)
     spe = per_worker // sc.batch_per_worker // sc.grad_accum_steps
     if spe < 1:
         raise ValueError(

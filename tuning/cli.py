@@ -6,6 +6,7 @@ or an environment that cannot run it (named file, key and expectation), before a
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, Optional
 
@@ -177,6 +178,10 @@ COMMANDS = {"tune": cmd_tune, "validate": cmd_validate, "runs": cmd_runs, "submi
             "jobs": cmd_jobs, "stop": cmd_stop}
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from training.config import ConfigError
     from tuning.experiment import ResourceError, StorageError
@@ -184,6 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tuning.tracking import TrackingError
 
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)  # run the finally blocks that stop what we started
     try:
         return COMMANDS[args.command](args)
     except (SpaceError, ConfigError, ResourceError, StorageError, TrackingError, FileNotFoundError) as e:
@@ -192,6 +198,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"schedtune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `schedtune validate FILE | head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -84,13 +84,14 @@ class LocalCluster:
         env = {**os.environ, **TRAIN_ENV_DEFAULTS, **self.env,
                "RAY_API_SERVER_ADDRESS": self.dashboard_url}
         log = open(Path(self.temp_dir) / "ray-start.log", "wb")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}: "
                                    f"{(Path(self.temp_dir) / 'ray-start.log').read_text()[-2000:]}")
-            if _http_ok(f"{self.dashboard_url}/api/version"):
+            if _http_ok(f"{self.dashboard_url}/api/version", _auth_headers(env)):
                 os.environ["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
                 return self
             time.sleep(0.5)
@@ -138,9 +139,22 @@ class LocalCluster:
         self.stop()
 
 
-def _http_ok(url: str) -> bool:
+def _auth_headers(env: dict[str, str]) -> dict[str, str]:
+    """The bearer token a token-auth head (``RAY_AUTH_MODE=token`` in ``env``) wants on its
+    dashboard, found as Ray finds it: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``,
+    ``~/.ray/auth_token``. Used only by the readiness probe; {} when auth is off."""
+    if env.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = env.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = (path.read_text().splitlines() or [""])[0].strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _http_ok(url: str, headers: Optional[dict[str, str]] = None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
             return r.status == 200
     except Exception:
         return False

@@ -153,15 +153,19 @@ def latest_run_dir(storage: str, name: str) -> Optional[str]:
     return str(runs[-1]) if runs else None
 
 
-def _searcher(spec: ExperimentSpec):
+def _searcher(spec: ExperimentSpec, limit: int):
+    """The search algorithm, holding at most ``limit`` trials at once. (Tune applies
+    TuneConfig.max_concurrent_trials only to Searchers it wraps, and silently ignores it for a
+    BasicVariantGenerator passed in: the limit must be set on the generator itself.)"""
     o = spec.options
     if o.search == "optuna_tpe":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=o.metric, mode=o.mode, seed=o.seed)
+        return ConcurrencyLimiter(OptunaSearch(metric=o.metric, mode=o.mode, seed=o.seed), max_concurrent=limit)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=o.seed)
+    return BasicVariantGenerator(random_state=o.seed, max_concurrent=limit)
 
 
 def _scheduler(spec: ExperimentSpec):
@@ -253,8 +257,7 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
         tuner = tune.Tuner(
             trainable, param_space=to_tune(spec),
             tune_config=tune.TuneConfig(metric=o.metric, mode=o.mode, num_samples=o.num_samples,
-                                        search_alg=_searcher(spec), scheduler=_scheduler(spec),
-                                        max_concurrent_trials=limit),
+                                        search_alg=_searcher(spec, limit), scheduler=_scheduler(spec)),
             run_config=tune.RunConfig(
                 name=Path(run_dir).name, storage_path=str(Path(run_dir).parent) if "://" not in run_dir
                 else run_dir.rsplit("/", 1)[0], callbacks=[tracker, progress], verbose=0,

@@ -10,6 +10,7 @@ This module imports no Ray at import time; ``to_tune`` imports it lazily.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> E
     for key, spec in doc["space"].items():
         where = f"space.{key}"
         if key not in paths:
-            near = [p for p in paths if p.split(".")[-1] == str(key).split(".")[-1]]
+            near = difflib.get_close_matches(str(key), list(paths), n=1, cutoff=0.75)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise SpaceError(file, where, spec, f"a dotted path into train that names a config field{hint}")
         dist = _parse_dist(file, where, spec)
