@@ -139,6 +139,18 @@ class LocalCluster:
         self.stop()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (Linux), so a
+    driver killed outright cannot orphan its cluster (``ray start --block`` then tears down)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # not Linux: rely on stop()
+        pass
+
+
 def _auth_headers(env: dict[str, str]) -> dict[str, str]:
     """The bearer token a token-auth head (``RAY_AUTH_MODE=token`` in ``env``) wants on its
     dashboard, found as Ray finds it: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``,

@@ -36,7 +36,10 @@ def register(tracking_uri: str, run_id: str, name: str) -> str:
         model, meta = model_from_checkpoint(local)
         example = np.zeros((1, *meta["input_shape"]), dtype=np.float32)
         with mlflow.start_run(run_id=run_id):
+            # pickle, not MLflow 3's torch.export format: that one fixes the batch size to the
+            # input example's (a registered model that only takes batches of 1).
             info = mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                            serialization_format="pickle",
                                             registered_model_name=name, await_registration_for=60)
     return str(info.registered_model_version)
 

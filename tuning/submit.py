@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import os
 import secrets
 import shlex
 import shutil
@@ -72,6 +73,8 @@ def _errors(address: str) -> Iterator[None]:
 
     try:
         yield
+    except SubmitError:
+        raise
     except AuthenticationError as e:
         if str(e).startswith("Authentication failed"):   # 403: a token was sent and is wrong
             raise SubmitError(f"the Ray cluster at {address} rejected the token: check {TOKEN_SOURCES}") from None
@@ -80,17 +83,21 @@ def _errors(address: str) -> Iterator[None]:
     except (ConnectionError, requests.exceptions.RequestException) as e:
         raise SubmitError(f"cannot reach the Ray job API at {address}: {e}") from None
     except RuntimeError as e:   # the job API answered with an error (unknown job, bad runtime env, ...)
-        if isinstance(e, SubmitError):
-            raise
-        raise SubmitError(f"the Ray job API at {address} refused the request: {str(e).strip()}") from None
+        raise SubmitError(f"the Ray job API at {address} refused the request: {' '.join(str(e).split())[:500]}") from None
 
 
 def _client(address: str):
+    """A job client for exactly ``address``. (JobSubmissionClient prefers $RAY_API_SERVER_ADDRESS,
+    then $RAY_ADDRESS, over the address it is given: hide both while it is built.)"""
     from ray.job_submission import JobSubmissionClient
 
     headers = _auth_headers()
-    with _errors(address):
-        return JobSubmissionClient(address, headers=headers)
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        with _errors(address):
+            return JobSubmissionClient(address, headers=headers)
+    finally:
+        os.environ.update(hidden)
 
 
 def _yaml_value(value: Any) -> str:
@@ -173,7 +180,7 @@ def _follow(client, sid: str, address: str, out: Callable[[str], None]) -> str:
 
     try:
         asyncio.run(tail())
-    except (RuntimeError, OSError) as e:   # the log stream broke: keep polling the status
+    except Exception as e:   # the log stream broke (proxy, network): keep polling the status
         out(f"(log stream ended: {e})")
     with _errors(address):
         while (status := str(client.get_job_status(sid))) not in TERMINAL:
