@@ -32,6 +32,12 @@ def test_digits_mlp_reaches_095(tmp_path):
     assert all(d is not None for _, d in reports)           # a checkpoint every epoch
     assert ckpt.read_meta(result.best_checkpoint)["metrics"]["val_acc"] == result.best["val_acc"]
     assert 1e-5 < reports[0][0]["update_ratio"] < 1e-1       # the lecture's "~1e-3" ballpark
+    trace = result.trace
+    assert len(trace["loss"]) == len(trace["lr"]) == result.plan.total_steps
+    assert trace["lr"][result.plan.warmup_steps] == pytest.approx(result.plan.peak_lr)
+    assert len(trace["layer_update_ratio"]) == 6 and set(trace["layer_update_ratio"][0]) == {
+        n for n, p in build_run(cfg_with()).core.named_parameters() if p.dim() > 1}
+    assert (tmp_path / "latest" / "trace.json").exists()
 
 
 def test_initial_loss_is_log_num_classes():
@@ -71,6 +77,7 @@ def test_resume_from_interrupted_run(tmp_path):
     resumed = fit(cfg, workdir=tmp_path / "cut", resume_from=tmp_path / "cut" / "latest")
     a, b = ckpt.load(full.last_checkpoint), ckpt.load(resumed.last_checkpoint)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert resumed.trace["loss"] == full.trace["loss"]      # the curves continue where they stopped
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
 
 

@@ -81,7 +81,7 @@ def test_mlflow_layout(experiment, mlflow_server):
         ckpts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
         assert ckpts == {"checkpoints/best", "checkpoints/last"}
         best_files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
-        assert best_files == {"checkpoint.pt", "meta.json"}
+        assert best_files == {"checkpoint.pt", "meta.json", "trace.json"}
 
 
 def test_best_model_is_registered(experiment, mlflow_server):

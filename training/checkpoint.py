@@ -13,6 +13,7 @@ import torch
 
 STATE_FILE = "checkpoint.pt"
 META_FILE = "meta.json"
+TRACE_FILE = "trace.json"   # the run's curves so far (per-step loss/LR, per-layer update ratios)
 
 
 class CheckpointError(ValueError):
@@ -20,13 +21,16 @@ class CheckpointError(ValueError):
 
 
 def save(directory: str | Path, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Write ``state`` and ``meta`` atomically into ``directory`` (replaced if it exists)."""
+    """Write ``state`` and ``meta`` (and ``state["trace"]`` as JSON, readable without torch)
+    atomically into ``directory`` (replaced if it exists)."""
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(state, tmp / STATE_FILE)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    if state.get("trace") is not None:
+        (tmp / TRACE_FILE).write_text(json.dumps(state["trace"]))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
     return directory

@@ -45,7 +45,7 @@ class Diverged(RuntimeError):
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)   # one metrics dict per epoch
-    step_losses: list[float] = field(default_factory=list)          # train loss per step (this process)
+    trace: dict[str, list] = field(default_factory=dict)            # see Trace: the run's curves
     best: Optional[dict[str, float]] = None                         # metrics of the best epoch
     best_checkpoint: Optional[str] = None
     last_checkpoint: Optional[str] = None
@@ -87,6 +87,10 @@ class _Run:
     gen: torch.Generator      # augmentation / mixing stream (per worker)
     device: torch.device
     step: int = 0
+    trace: dict[str, list] = field(default_factory=lambda: {"loss": [], "lr": [], "layer_update_ratio": []})
+    # trace (kept in every checkpoint, for plots and diagnosis): "loss" and "lr" per optimizer step
+    # (this worker's micro-batch mean loss; the head group's LR); "layer_update_ratio" one
+    # {layer: ||dW|| / ||W||} per epoch, measured on its last step.
 
 
 def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
@@ -126,22 +130,21 @@ def _loader(run: _Run, epoch: int) -> DataLoader:
                       drop_last=True, num_workers=run.cfg.data.loader_workers)
 
 
-def _update_ratio(run: _Run, before: list[torch.Tensor]) -> float:
-    """Median over weight matrices of ||w_after - w_before|| / ||w_before|| (want ~1e-3)."""
-    ratios = [((p.detach() - b).norm() / (b.norm() + 1e-12)).item()
-              for p, b in zip(_weights(run), before)]
-    return float(torch.tensor(ratios).median()) if ratios else 0.0
+def _update_ratios(run: _Run, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||w_after - w_before|| / ||w_before|| per weight matrix (the lecture: want ~1e-3)."""
+    weights = _weights(run)
+    return {name: ((weights[name].detach() - b).norm() / (b.norm() + 1e-12)).item() for name, b in before.items()}
 
 
-def _weights(run: _Run) -> list[torch.Tensor]:
-    return [p for p in run.core.parameters() if p.requires_grad and p.dim() > 1]
+def _weights(run: _Run) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in run.core.named_parameters() if p.requires_grad and p.dim() > 1}
 
 
-def train_one_epoch(run: _Run, epoch: int, step_losses: list[float]) -> dict[str, float]:
+def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """One pass over this worker's shard; returns aggregated train metrics."""
     cfg, accum = run.cfg, run.cfg.scaling.grad_accum_steps
     run.model.train()
-    loss_sum = correct = count = norm_sum = 0.0
+    loss_sum = correct = count = norm_sum = micro_loss = 0.0
     n_steps, ratio, lr = 0, 0.0, 0.0
     batches = itertools.islice(_loader(run, epoch), run.plan.steps_per_epoch * accum)
     for i, (x, y) in enumerate(batches):
@@ -158,7 +161,7 @@ def train_one_epoch(run: _Run, epoch: int, step_losses: list[float]) -> dict[str
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(-1) == y).sum().item()
         count += len(y)
-        step_losses.append(loss.item())
+        micro_loss += loss.item() / accum
         if not last_micro:
             continue
         lr = run.optimizer.param_groups[-1]["lr"]
@@ -166,14 +169,19 @@ def train_one_epoch(run: _Run, epoch: int, step_losses: list[float]) -> dict[str
         if not math.isfinite(norm):  # grads are all-reduced: every worker stops at the same step
             raise Diverged(run.step, lr, norm)
         measure = n_steps == run.plan.steps_per_epoch - 1
-        before = [w.detach().clone() for w in _weights(run)] if measure else None
+        before = {n: w.detach().clone() for n, w in _weights(run).items()} if measure else None
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         if run.ema is not None:
             run.ema.update_parameters(run.core)
         if before is not None:
-            ratio = _update_ratio(run, before)
+            layers = _update_ratios(run, before)
+            run.trace["layer_update_ratio"].append(layers)
+            ratio = float(torch.tensor(list(layers.values())).median()) if layers else 0.0
+        run.trace["loss"].append(micro_loss)
+        run.trace["lr"].append(lr)
+        micro_loss = 0.0
         run.step += 1
         n_steps += 1
         norm_sum += norm
@@ -207,7 +215,7 @@ def evaluate(model: nn.Module, run: _Run) -> dict[str, float]:
 def _state(run: _Run, epoch: int, best: Optional[dict]) -> dict[str, Any]:
     return {"model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
-            "rng": ckpt.rng_state(run.gen), "epoch": epoch, "step": run.step, "best": best}
+            "rng": ckpt.rng_state(run.gen), "epoch": epoch, "step": run.step, "best": best, "trace": run.trace}
 
 
 def _restore(run: _Run, path: str | Path) -> tuple[int, Optional[dict]]:
@@ -219,6 +227,7 @@ def _restore(run: _Run, path: str | Path) -> tuple[int, Optional[dict]]:
         run.ema.load_state_dict(state["ema"])
     ckpt.set_rng_state(state["rng"], run.gen)
     run.step = state["step"]
+    run.trace = state.get("trace") or run.trace
     return state["epoch"], state.get("best")
 
 
@@ -236,13 +245,16 @@ def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path
     """
     rank, world = _world()
     run = build_run(cfg, device)
-    result = FitResult(plan=run.plan)
+    result = FitResult(plan=run.plan, trace=run.trace)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="schedtune-fit-"))
     start_epoch, best = _restore(run, resume_from) if resume_from else (0, None)
     key, mode = cfg.checkpoint.metric, cfg.checkpoint.mode
+    if resume_from and start_epoch >= cfg.epochs and report is not None:
+        # Resumed at the very end (the run finished, its caller did not hear of it): say so again.
+        report(ckpt.read_meta(resume_from)["metrics"], None)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        tr = train_one_epoch(run, epoch, result.step_losses)
+        tr = train_one_epoch(run, epoch)
         train_time = time.perf_counter() - t0
         samples = tr.pop("samples")
         metrics = {"epoch": epoch + 1, "step": run.step, **tr, **evaluate(run.model, run),
@@ -265,5 +277,5 @@ def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path
         result.history.append(metrics)
         if report is not None:
             report(metrics, directory)
-    result.best = best
+    result.best, result.trace = best, run.trace
     return result

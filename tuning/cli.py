@@ -6,6 +6,8 @@ or an environment that cannot run it (named file, key and expectation), before a
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import signal
 import sys
 from typing import Any, Optional
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("stop", help="stop a submitted job")
     k.add_argument("submission_id", metavar="ID")
     k.add_argument("--address", required=True, help="the cluster's job API, e.g. http://HEAD:8265")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 
@@ -174,6 +178,11 @@ def cmd_stop(args) -> int:
     return cli_stop(args)
 
 
+# Commands that live with their concept: each module has register(subparsers), which adds its
+# parser with set_defaults(handler=...). Keep their heavy imports inside the handlers.
+COMMAND_MODULES = tuple(m for m in ("tuning.recipe", "tuning.plots", "tuning.ensemble", "tuning.export")
+                        if importlib.util.find_spec(m) is not None)
+
 COMMANDS = {"tune": cmd_tune, "validate": cmd_validate, "runs": cmd_runs, "submit": cmd_submit,
             "jobs": cmd_jobs, "stop": cmd_stop}
 
@@ -191,7 +200,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # run the finally blocks that stop what we started
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except (SpaceError, ConfigError, ResourceError, StorageError, TrackingError, FileNotFoundError) as e:
         print(f"schedtune {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

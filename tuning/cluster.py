@@ -11,6 +11,7 @@ the process tree it started.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -81,6 +82,14 @@ class LocalCluster:
                f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
         if self.num_gpus is not None:
             cmd.append(f"--num-gpus={self.num_gpus}")
+        if "RAY_AUTH_MODE" not in {**os.environ, **self.env}:
+            # Nobody chose: token auth (Ray's default) with a token of this cluster's own, handed
+            # to this process and to the head's environment (never ~/.ray/auth_token, which other
+            # clusters on the machine may be using).
+            token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+            self.env.update(token)
+            os.environ.update(token)
+            refresh_ray_auth()
         env = {**os.environ, **TRAIN_ENV_DEFAULTS, **self.env,
                "RAY_API_SERVER_ADDRESS": self.dashboard_url}
         log = open(Path(self.temp_dir) / "ray-start.log", "wb")
@@ -137,6 +146,17 @@ class LocalCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def refresh_ray_auth() -> None:
+    """Make Ray re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN from the environment: it caches both per
+    process on first use. A no-op while this process is connected to Ray."""
+    import ray
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if not ray.is_initialized():
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _die_with_parent() -> None:

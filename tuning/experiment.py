@@ -85,26 +85,6 @@ class TrialRow:
     epochs: int
     metric: Optional[float]     # best value of the experiment's metric over the trial's epochs
     params: dict[str, Any]
-    error: Optional[str] = None
-
-
-@dataclass
-class ExperimentResult:
-    name: str
-    path: str                   # storage/name: where Tune keeps the experiment (for --resume)
-    rows: list[TrialRow]        # sorted best first
-    best: Optional[TrialRow]
-    parent_run_id: Optional[str] = None
-    tracking_uri: Optional[str] = None
-
-
-@dataclass
-class TrialRow:
-    trial_id: str
-    status: str                 # completed | stopped by ASHA at epoch N | diverged | failed
-    epochs: int
-    metric: Optional[float]     # best value of the experiment's metric over the trial's epochs
-    params: dict[str, Any]
     run_id: Optional[str] = None
     error: Optional[str] = None
 

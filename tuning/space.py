@@ -188,7 +188,12 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> E
     unknown = sorted(set(doc) - {"experiment", "train", "space"})
     if unknown:
         raise SpaceError(file, unknown[0], doc[unknown[0]], "one of the top-level keys experiment, train, space")
-    doc = apply_dotted({k: doc.get(k) or {} for k in ("experiment", "train", "space")}, overrides or {})
+    overrides = dict(overrides or {})
+    # Keys under `space` are dotted paths themselves: `space.optim.base_lr` names one entry.
+    space_overrides = {k[len("space."):]: overrides.pop(k) for k in list(overrides) if k.startswith("space.")}
+    doc = apply_dotted({k: doc.get(k) or {} for k in ("experiment", "train", "space")}, overrides)
+    if isinstance(doc["space"], dict):
+        doc["space"].update(space_overrides)
     try:
         options = ExperimentOptions.from_dict(doc["experiment"], "experiment")
         base = TrainConfig.from_dict(doc["train"], "train")

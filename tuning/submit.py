@@ -51,13 +51,12 @@ def _auth_headers() -> dict[str, str]:
     """The Authorization header for the current environment. Ray caches the auth mode and the
     token per process; refresh both first (unless this process is itself connected to Ray) so a
     changed environment (a notebook, a test) is honoured."""
-    import ray
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader
     from ray.exceptions import AuthenticationError
 
-    if not ray.is_initialized():
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+    from tuning.cluster import refresh_ray_auth
+
+    refresh_ray_auth()
     try:
         return dict(AuthenticationTokenLoader.instance().get_token_for_http_header())
     except AuthenticationError as e:   # token mode, but no token or an unreadable token file

@@ -128,6 +128,8 @@ class MLflowTracker(Callback):
         self.experiment_id: Optional[str] = None
         self.parent_run_id: Optional[str] = None
         self._children: dict[str, str] = {}
+        self._logged_upto: dict[str, int] = {}   # trial -> last epoch already in MLflow (resume)
+        self._final: set[str] = set()            # trials whose run ended before an interruption
         self._buffer: dict[str, list] = {}
         self._last: dict[str, dict] = {}
         self._last_flush = 0.0
@@ -187,7 +189,9 @@ class MLflowTracker(Callback):
         run_id = self._safe("find a trial run", self._find_run, tags)
         if run_id is FAILED:
             return
-        if run_id is None:
+        if run_id is not None:  # resumed: carry on after what the run already has
+            self._safe("read a trial run", self._remember_logged, trial.trial_id, run_id)
+        else:
             cfg = self.spec.trial_config(trial.config)
             run = self._safe("create a trial run", self.client.create_run, self.experiment_id,
                              run_name=trial.trial_id, tags={**tags, "schedtune.status": "running"})
@@ -198,11 +202,21 @@ class MLflowTracker(Callback):
                        params=[_param(k, v) for k, v in cfg.flat().items()])
         self._children[trial.trial_id] = run_id
 
+    def _remember_logged(self, trial_id: str, run_id: str) -> None:
+        run = self.client.get_run(run_id)
+        history = self.client.get_metric_history(run_id, self.spec.options.metric)
+        self._logged_upto[trial_id] = max((m.step for m in history), default=0)
+        if run.data.tags.get("schedtune.status", "running") != "running":
+            self._final.add(trial_id)
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
 
         self._last[trial.trial_id] = result
         step, now = int(result.get("epoch", result.get("training_iteration", 0))), int(time.time() * 1000)
+        if step <= self._logged_upto.get(trial.trial_id, 0):
+            return  # logged before an interruption: never twice
+        self._final.discard(trial.trial_id)
         self._buffer.setdefault(trial.trial_id, []).extend(
             Metric(k, v, now, step) for k, v in training_metrics(result).items())
         if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
@@ -224,8 +238,8 @@ class MLflowTracker(Callback):
             self.on_trial_start(0, [], trial)
         self.flush()
         run_id = self._children.get(trial.trial_id)
-        if run_id is None:
-            return
+        if run_id is None or trial.trial_id in self._final:
+            return  # no run, or it ended before an interruption and nothing new came since
         last = self._last.get(trial.trial_id, {})
         state = end_state(last, errored, self.spec.base.epochs, self.spec.options.scheduler.name)
         tags = {"schedtune.status": state, "schedtune.end_epoch": str(int(last.get("epoch", 0)))}
@@ -234,9 +248,9 @@ class MLflowTracker(Callback):
                          "schedtune.diverged_lr": f"{last['diverged_lr']:.6g}"})
         if errored and getattr(trial, "error_file", None):
             tags["schedtune.error_file"] = str(trial.error_file)
-        for k, v in tags.items():
-            self._safe("tag a trial", self.client.set_tag, run_id, k, v)
         self._safe("log checkpoints", self._log_checkpoints, trial, run_id)
+        # The status tag goes last: once a run has it, its checkpoints are in (resume relies on it).
+        self._safe("tag a trial", self.client.log_batch, run_id, tags=[_tag(k, v) for k, v in tags.items()])
         self._safe("end a trial run", self.client.set_terminated, run_id, "FAILED" if errored else "FINISHED")
 
     def _log_checkpoints(self, trial, run_id: str) -> None:

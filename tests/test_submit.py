@@ -1,0 +1,266 @@
+"""Job submission (tuning.submit) against a real token-auth Ray head.
+
+One module-scoped head (``ray start --head`` through LocalCluster: its own temp dir and ports,
+2 CPUs, ``RAY_AUTH_MODE=token`` and a random ``RAY_AUTH_TOKEN`` in its environment) serves every
+integration test: the job API refuses requests without the token or with a wrong one (raw HTTP,
+the Python API, the CLI: exit 2, one line, never the token); the smoke quickstart submitted
+through the Python API runs to SUCCEEDED and its trials are in MLflow; ``schedtune jobs`` lists it
+and ``schedtune stop`` stops a second submission. A few fast tests need no cluster.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuning.cluster import LocalCluster
+from tuning.space import SpaceError
+from tuning.submit import SubmitError, _interrupted, entrypoint, list_jobs, submit_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
+SMOKE = {"experiment.num_samples": 2, "train.epochs": 2, "train.scaling.num_workers": 1}   # = --smoke
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def cluster_test(fn):
+    return pytest.mark.integration(pytest.mark.slow(fn))
+
+
+@dataclass
+class Head:
+    url: str            # the dashboard / job API
+    token: str
+    tmp: Path
+    first_job: dict
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    token = secrets.token_hex(16)
+    cluster = LocalCluster(num_cpus=2, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    cluster.start()
+    try:
+        yield Head(cluster.dashboard_url, token, tmp_path_factory.mktemp("submit"), {})
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def auth(head, monkeypatch):
+    """This process holds the cluster's token, as a user who set it up would."""
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+    return head
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    return subprocess.run([sys.executable, "-m", "tuning.cli", *args], env={**base, **env}, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+# ----------------------------------------------------------------------------- no cluster
+
+
+def test_entrypoint_overrides_round_trip_through_set():
+    values = {"train.optim.base_lr": 1e-5, "train.epochs": 2, "experiment.name": "1.0",
+              "train.schedule": {"name": "step", "milestones": [0.5, 0.75]}, "train.scaling.use_gpu": True,
+              "experiment.seed": 0, "train.model.name": "it's"}
+    cmd = entrypoint("quickstart.yaml", values, "/shared/results dir", "http://mlflow:5000")
+    import shlex
+
+    argv = shlex.split(cmd)
+    assert argv[:7] == ["python", "-m", "tuning.cli", "tune", "quickstart.yaml", "--address", "auto"]
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)} == values
+    assert argv[-4:] == ["--storage", "/shared/results dir", "--tracking-uri", "http://mlflow:5000"]
+
+
+def test_a_bad_space_file_fails_before_contacting_the_cluster(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(QUICKSTART.read_text().replace("num_samples: 6", "num_samples: 0"))
+    with pytest.raises(SpaceError, match="num_samples"):
+        submit_experiment(bad, "http://127.0.0.1:1")   # nothing listens there: never reached
+
+
+class FakeClient:
+    def __init__(self):
+        self.stopped = []
+
+    def stop_job(self, sid):
+        self.stopped.append(sid)
+        return True
+
+    def get_job_status(self, sid):
+        return "STOPPED" if self.stopped else "RUNNING"
+
+
+def test_ctrl_c_without_a_terminal_leaves_the_job_running(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))   # not a TTY: never read
+    lines, client = [], FakeClient()
+    assert _interrupted(client, "schedtune-x-1", "http://head:8265", lines.append) == "RUNNING"
+    assert client.stopped == []
+    assert "schedtune stop schedtune-x-1 --address http://head:8265" in lines[-1]
+
+
+def test_ctrl_c_on_a_terminal_asks_and_stops(monkeypatch):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or "y")
+    client = FakeClient()
+    assert _interrupted(client, "schedtune-x-1", "http://head:8265", lambda s: None) == "STOPPED"
+    assert client.stopped == ["schedtune-x-1"] and "stop job schedtune-x-1? [y/N]" in asked[0]
+
+
+# ----------------------------------------------------------------------------- token auth
+
+
+@cluster_test
+def test_the_job_api_refuses_requests_without_the_token(head):
+    def get(headers):
+        req = urllib.request.Request(f"{head.url}/api/jobs/", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert get({}) in (401, 403)
+    assert get({"Authorization": f"Bearer {secrets.token_hex(16)}"}) == 403
+    assert get({"Authorization": f"Bearer {head.token}"}) == 200
+
+
+@cluster_test
+def test_python_api_without_or_with_a_wrong_token_is_a_clear_error(head, monkeypatch, tmp_path):
+    for var in AUTH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SubmitError, match="requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"):
+        submit_experiment(QUICKSTART, head.url, overrides=SMOKE, wait=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)   # present but not sent: auth mode is off here
+    with pytest.raises(SubmitError, match="requires a token") as e:
+        submit_experiment(QUICKSTART, head.url, overrides=SMOKE, wait=False)
+    assert head.token not in str(e.value)
+
+    wrong = secrets.token_hex(16)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", wrong)
+    with pytest.raises(SubmitError, match="rejected the token") as e:
+        list_jobs(head.url)
+    assert wrong not in str(e.value)
+
+    # a token file (RAY_AUTH_TOKEN_PATH) works when RAY_AUTH_TOKEN is unset; a missing one is an error
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(head.token + "\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    assert isinstance(list_jobs(head.url), list)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(SubmitError, match="no usable token"):
+        list_jobs(head.url)
+
+
+@cluster_test
+def test_an_unreachable_address_is_a_clear_error_whatever_the_environment_says(auth, monkeypatch):
+    # JobSubmissionClient would silently prefer $RAY_API_SERVER_ADDRESS over the address given
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", auth.url)
+    with pytest.raises(SubmitError, match=r"cannot reach the Ray job API at http://127\.0\.0\.1:1\b"):
+        list_jobs("http://127.0.0.1:1")
+
+
+@cluster_test
+def test_cli_errors_exit_2_on_one_line_and_never_show_the_token(head):
+    wrong = secrets.token_hex(16)
+    cases = [({}, "requires a token"),
+             ({"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": head.token}, "requires a token"),
+             ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": wrong}, "rejected the token")]
+    for env, expected in cases:
+        p = cli("jobs", "--address", head.url, env=env)
+        assert p.returncode == 2, (env.keys(), p.stdout, p.stderr)
+        assert p.stderr.startswith("schedtune jobs: error: ") and expected in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert head.token not in p.stdout + p.stderr and wrong not in p.stdout + p.stderr
+    p = cli("stop", "schedtune-x-00000000", "--address", "http://127.0.0.1:1",
+            env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token})
+    assert p.returncode == 2 and "cannot reach the Ray job API" in p.stderr
+    assert head.token not in p.stdout + p.stderr
+
+
+# ----------------------------------------------------------------------------- a real experiment
+
+
+@cluster_test
+def test_submitted_smoke_experiment_succeeds_and_its_trials_are_in_mlflow(auth):
+    import mlflow
+
+    uri = f"sqlite:///{auth.tmp}/mlflow.db"
+    lines: list[str] = []
+    t0 = time.monotonic()
+    r = submit_experiment(QUICKSTART, auth.url, overrides=SMOKE, storage=str(auth.tmp / "results"),
+                          tracking_uri=uri, out=lines.append)
+    log = "\n".join(lines)
+    assert r.status == "SUCCEEDED", log[-3000:]
+    assert r.submission_id.startswith("schedtune-digits-quickstart-") and len(r.submission_id.rsplit("-", 1)[1]) == 8
+    assert r.metadata["schedtune.experiment"] == "digits-quickstart"
+    assert set(r.metadata) == {"schedtune.experiment", "schedtune.user", "schedtune.space_sha256",
+                               "schedtune.space_file"}
+    assert "digits-quickstart: 2 trials" in log   # the job's own output was streamed to us
+    auth.first_job.update(id=r.submission_id, seconds=time.monotonic() - t0)
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("digits-quickstart")
+    assert exp is not None
+    parents = client.search_runs([exp.experiment_id], "tags.`schedtune.role` = 'experiment'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["schedtune.space_sha256"] == r.metadata["schedtune.space_sha256"]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2
+    for child in children:
+        assert child.data.tags.get("schedtune.status") not in (None, "", "running")
+        steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "val_acc"))
+        assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) <= 2
+
+
+@cluster_test
+def test_cli_jobs_lists_the_job_and_stop_stops_a_second_one(auth):
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth.token}
+    p = cli("submit", str(QUICKSTART), "--smoke", "--address", auth.url, "--no-wait",
+            "--storage", str(auth.tmp / "stopped"), "--tracking-uri", f"sqlite:///{auth.tmp}/stopped.db", env=env)
+    assert p.returncode == 0, p.stderr
+    second = p.stdout.strip()
+    assert second.startswith("schedtune-digits-quickstart-") and "\n" not in second, p.stdout
+
+    p = cli("stop", second, "--address", auth.url, env=env)
+    assert p.returncode == 0 and f"stopping job {second}" in p.stdout, p.stdout + p.stderr
+    deadline = time.monotonic() + 90
+    while (status := {j["id"]: j["status"] for j in list_jobs(auth.url)}[second]) != "STOPPED":
+        assert status not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline, status
+        time.sleep(1)
+
+    p = cli("jobs", "--address", auth.url, env=env)
+    assert p.returncode == 0, p.stderr
+    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines()[1:]}
+    assert p.stdout.splitlines()[0].split() == ["ID", "STATUS", "EXPERIMENT", "USER", "START"]
+    assert rows[second][1:3] == ["STOPPED", "digits-quickstart"]
+    if auth.first_job:
+        assert rows[auth.first_job["id"]][1:3] == ["SUCCEEDED", "digits-quickstart"]
+    assert auth.token not in p.stdout + p.stderr

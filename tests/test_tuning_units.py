@@ -1,0 +1,161 @@
+"""The driver's decisions without a cluster: sizing, end states, tracking checks and outages,
+checkpoint selection, CLI overrides."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+from tuning.cli import build_parser, overrides
+from tuning.experiment import ResourceError, max_concurrent, trial_demand
+from tuning.space import load_spec
+from tuning.tracking import (FAILED, MLflowTracker, TrackingError, best_and_last, check_tracking, end_state,
+                             find_checkpoints, resolve_tracking_uri, training_metrics)
+
+QUICK = ROOT / "search_spaces/quickstart.yaml"
+
+
+def spec_with(**o):
+    return load_spec(QUICK, {f"train.scaling.{k}": v for k, v in o.items()})
+
+
+@pytest.mark.parametrize("scaling,cluster,memory,expected", [
+    ({"num_workers": 2, "cpus_per_worker": 0.5}, {"CPU": 2}, None, 1),     # 0.25 + 2 x 0.5 = 1.25 CPU
+    ({"num_workers": 2, "cpus_per_worker": 0.5}, {"CPU": 8}, None, 6),
+    ({"num_workers": 2, "cpus_per_worker": 0.5}, {"CPU": 8}, 8.0, 2),      # memory: 0.5 + 2 x 1.5 GB each
+    ({"num_workers": 1, "cpus_per_worker": 0.5}, {"CPU": 2}, None, 4),     # in-process trial: no driver share
+    ({"num_workers": 4, "use_gpu": True, "gpus_per_worker": 1, "cpus_per_worker": 1}, {"CPU": 64, "GPU": 8}, None, 2),
+])
+def test_max_concurrent_fits_full_worker_groups(scaling, cluster, memory, expected):
+    assert max_concurrent(spec_with(**scaling), cluster, memory) == expected
+
+
+def test_max_concurrent_uses_the_largest_sampled_worker_group():
+    spec = load_spec(QUICK, {"space.scaling.num_workers": {"choice": [1, 4]}, "train.scaling.cpus_per_worker": 1})
+    assert trial_demand(spec.base.with_updates({"scaling.num_workers": 4}))["CPU"] == 4.25
+    assert max_concurrent(spec, {"CPU": 10}, None) == 2
+
+
+def test_a_trial_that_cannot_fit_is_an_error_naming_resources():
+    with pytest.raises(ResourceError) as e:
+        max_concurrent(spec_with(num_workers=4, cpus_per_worker=1), {"CPU": 2}, None)
+    assert "4.25 CPU" in str(e.value) and "cluster has 2 CPU" in str(e.value)
+    # an autoscaling cluster may grow: admit one, the worker group waits (bounded) for nodes
+    assert max_concurrent(spec_with(num_workers=4, cpus_per_worker=1), {"CPU": 2}, None, autoscaling=True) == 1
+
+
+@pytest.mark.parametrize("last,errored,expected", [
+    ({"epoch": 6}, False, "completed"),
+    ({"epoch": 2}, False, "stopped by ASHA at epoch 2"),
+    ({"epoch": 6, "diverged": 1.0}, False, "diverged"),
+    ({"epoch": 3}, True, "failed"),
+])
+def test_end_state(last, errored, expected):
+    assert end_state(last, errored, epochs=6, scheduler="asha") == expected
+
+
+def test_training_metrics_drop_bookkeeping_and_non_finite():
+    r = {"val_acc": 0.9, "epoch": 3, "timestamp": 1, "val_loss": float("inf"), "config": {}, "done": False,
+         "lr": 0.1}
+    assert training_metrics(r) == {"val_acc": 0.9, "lr": 0.1}
+
+
+def test_tracking_down_at_start_is_a_clear_error(tmp_path):
+    from tuning.cluster import free_ports
+
+    uri = f"http://127.0.0.1:{free_ports(1)[0]}"
+    with pytest.raises(TrackingError, match=f"cannot reach the MLflow tracking server at {uri}"):
+        check_tracking(uri, timeout_s=2)
+    with pytest.raises(TrackingError, match="not a writable directory"):
+        check_tracking(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    check_tracking(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_cli_refuses_an_unreachable_tracking_server_before_ray(tmp_path):
+    from tuning.cluster import free_ports
+
+    p = subprocess.run([sys.executable, "-m", "tuning.cli", "tune", str(QUICK), "--smoke", "--tracking-uri",
+                        f"http://127.0.0.1:{free_ports(1)[0]}", "--storage", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "cannot reach the MLflow tracking server" in p.stderr
+    assert "Traceback" not in p.stderr and "Ray cluster" not in p.stdout
+
+
+def test_default_tracking_uri_is_absolute_sqlite(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resolve_tracking_uri(None) == "http://mlflow:5000"
+
+
+class _DownClient:
+    def __init__(self):
+        self.down, self.batches = True, []
+
+    def log_batch(self, run_id, metrics=(), **kw):
+        if self.down:
+            raise ConnectionError("connection refused")
+        self.batches.append((run_id, list(metrics)))
+
+
+class _Trial:
+    trial_id = "t_00000"
+
+
+def test_tracker_buffers_through_an_outage_and_sends_once_back(capsys):
+    tracker = MLflowTracker(load_spec(QUICK), "http://127.0.0.1:9", "/tmp/x", "/tmp/x/train")
+    tracker._client = client = _DownClient()
+    tracker._children["t_00000"] = "run1"
+    for epoch in (1, 2):
+        tracker.on_trial_result(0, [], _Trial(), {"epoch": epoch, "val_acc": 0.5 + epoch / 10})
+        tracker.flush()
+    assert client.batches == [] and len(tracker._buffer["t_00000"]) == 2
+    assert "training continues" in capsys.readouterr().err
+    client.down = False
+    tracker.flush()
+    (run_id, metrics), = client.batches
+    assert run_id == "run1" and sorted((m.step, m.value) for m in metrics) == [(1, 0.6), (2, 0.7)]
+    assert tracker._buffer["t_00000"] == []
+    assert tracker._safe("x", lambda: 1 / 0) is FAILED
+
+
+def test_best_and_last_checkpoints(tmp_path):
+    for epoch, acc in ((1, 0.5), (2, 0.9), (3, 0.7)):
+        d = tmp_path / f"checkpoint_{epoch:06d}"
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"epoch": epoch, "metrics": {"val_acc": acc}}))
+    (tmp_path / "not_a_checkpoint").mkdir()
+    found = find_checkpoints(str(tmp_path))
+    assert len(found) == 3
+    best, last = best_and_last(found, "val_acc", "max")
+    assert (best[1]["epoch"], last[1]["epoch"]) == (2, 3)
+    best, _ = best_and_last(found, "val_acc", "min")
+    assert best[1]["epoch"] == 1
+    assert best_and_last([], "val_acc", "max") == (None, None)
+
+
+def test_cli_flags_become_dotted_overrides():
+    args = build_parser().parse_args(["tune", "f.yaml", "--smoke", "--workers", "3", "--gpus-per-worker", "0.5",
+                                      "--name", "x", "--set", "train.optim.base_lr=0.05", "--set",
+                                      "train.schedule={name: cosine}"])
+    assert overrides(args) == {"experiment.num_samples": 2, "train.epochs": 2, "train.scaling.num_workers": 3,
+                               "train.scaling.use_gpu": True, "train.scaling.gpus_per_worker": 0.5,
+                               "experiment.name": "x", "train.optim.base_lr": 0.05,
+                               "train.schedule": {"name": "cosine"}}
+
+
+@pytest.mark.parametrize("argv", [["tune", "f.yaml", "--workers", "0"], ["tune", "f.yaml", "--set", "novalue"],
+                                  ["tune"], ["bogus"]])
+def test_cli_usage_errors_exit_2(argv):
+    p = subprocess.run([sys.executable, "-m", "tuning.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "usage: schedtune" in p.stderr
+
+
+def test_help_lists_every_command():
+    p = subprocess.run([sys.executable, "-m", "tuning.cli", "--help"], capture_output=True, text=True, timeout=60)
+    for cmd in ("tune", "validate", "runs", "submit", "jobs", "stop"):
+        assert cmd in p.stdout
