@@ -96,7 +96,12 @@ def experiment(ray_cluster, mlflow_server, tmp_path_factory):
         "experiment.name": "it-asha", "experiment.num_samples": NUM_SAMPLES,
         "experiment.scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "train.epochs": EPOCHS, "train.scaling.num_workers": 2, "train.scaling.cpus_per_worker": 0.5})
+    from tuning.cluster import LocalCluster
+
     lines = []
-    result = run_experiment(spec, storage=str(tmp_path_factory.mktemp("results")), tracking_uri=mlflow_server.uri,
-                            address=ray_cluster.address, out=lines.append)
+    # A second Ray cluster on the same machine while trials are stopped by ASHA: Train's
+    # placement-group cleaner must still find *this* cluster's state API.
+    with LocalCluster(num_cpus=1, env={"RAY_AUTH_MODE": "disabled"}):
+        result = run_experiment(spec, storage=str(tmp_path_factory.mktemp("results")),
+                                tracking_uri=mlflow_server.uri, address=ray_cluster.address, out=lines.append)
     return spec, result, lines

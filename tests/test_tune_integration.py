@@ -97,3 +97,16 @@ def test_best_model_is_registered(experiment, mlflow_server):
     import torch
 
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_runs_command_lists_the_trials_from_mlflow(experiment, mlflow_server):
+    from tuning.runs import print_runs
+
+    spec, result, _ = experiment
+    lines = []
+    assert print_runs("it-asha", mlflow_server.uri, out=lines.append) == 0
+    assert f"{NUM_SAMPLES} trials" in lines[0]
+    rows = lines[2:]
+    assert [r.split()[0] for r in rows][0] == result.best.trial_id       # best first
+    assert {r.split()[0] for r in rows} == {r.trial_id for r in result.rows}
+    assert sum("stopped by ASHA" in r for r in rows) == sum(r.status.startswith("stopped") for r in result.rows)

@@ -4,9 +4,9 @@
 agent's fixed port, /tmp/ray), and Train's detached placement-group cleaner then finds the
 wrong cluster's state API: groups of trials that ASHA stopped leak and later trials wait
 forever for workers. So schedtune starts its local cluster with ``ray start --head --block``,
-every port chosen and the dashboard on, exports ``RAY_API_SERVER_ADDRESS`` to that dashboard
-(for this process and, through the head's environment, for every Ray worker), and ends only
-the process tree it started.
+every port chosen and the dashboard on, gives the head (and so every Ray worker) the environment
+variable ``RAY_API_SERVER_ADDRESS`` naming that dashboard, and ends only the process tree it
+started. The calling process's own environment is left alone (two clusters can coexist).
 """
 from __future__ import annotations
 
@@ -101,7 +101,6 @@ class LocalCluster:
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}: "
                                    f"{(Path(self.temp_dir) / 'ray-start.log').read_text()[-2000:]}")
             if _http_ok(f"{self.dashboard_url}/api/version", _auth_headers(env)):
-                os.environ["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
                 return self
             time.sleep(0.5)
         self.stop()
@@ -136,8 +135,6 @@ class LocalCluster:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         self.proc = None
-        if os.environ.get("RAY_API_SERVER_ADDRESS") == self.dashboard_url:
-            del os.environ["RAY_API_SERVER_ADDRESS"]
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
