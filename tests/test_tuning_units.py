@@ -159,3 +159,29 @@ def test_help_lists_every_command():
     p = subprocess.run([sys.executable, "-m", "tuning.cli", "--help"], capture_output=True, text=True, timeout=60)
     for cmd in ("tune", "validate", "runs", "submit", "jobs", "stop"):
         assert cmd in p.stdout
+
+
+def test_unwritable_or_full_storage_is_a_clear_error_at_start(tmp_path, monkeypatch):
+    from tuning import experiment
+    from tuning.experiment import StorageError, resolve_storage
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match=f"results storage {blocker}/results is not writable"):
+        resolve_storage(str(blocker / "results"))
+    monkeypatch.setattr(experiment.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 1024 * 1024})())
+    with pytest.raises(StorageError, match="is full .10 MB free"):
+        resolve_storage(str(tmp_path / "ok"))
+    monkeypatch.undo()
+    assert resolve_storage(str(tmp_path / "ok")) == str(tmp_path / "ok")
+    assert resolve_storage("s3://bucket/x") == "s3://bucket/x"
+
+
+def test_cli_storage_error_exits_2_before_ray(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    p = subprocess.run([sys.executable, "-m", "tuning.cli", "tune", str(QUICK), "--smoke", "--storage",
+                        str(blocker / "r"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "is not writable" in p.stderr and "Traceback" not in p.stderr
+    assert "Ray cluster" not in p.stdout

@@ -71,7 +71,9 @@ class LocalCluster:
             self.temp_dir, self._own_temp = tempfile.mkdtemp(prefix="st-ray-", dir="/tmp"), True
         (self.gcs_port, self.dashboard_port, agent_http, agent_grpc, metrics, runtime_env,
          node_mgr, obj_mgr) = free_ports(8)
-        lo = 20000 + (self.gcs_port % 200) * 200  # a worker-port window unlikely to collide
+        # Workers' ports: a 200-port window below the ephemeral range (which free_ports draws
+        # from, 32768+ on Linux) and above Ray's client port 10001; chosen per cluster.
+        lo = 11000 + (self.gcs_port % 100) * 200
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
                f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",

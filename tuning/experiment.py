@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -87,6 +88,7 @@ class TrialRow:
     params: dict[str, Any]
     run_id: Optional[str] = None
     error: Optional[str] = None
+    diagnosis: Optional[str] = None   # tuning.diagnose kind of its learning curves (diverged, overfitting, ...)
 
 
 @dataclass
@@ -119,11 +121,18 @@ def resolve_storage(storage: Optional[str]) -> str:
         probe.unlink()
     except OSError as e:
         raise StorageError(f"results storage {p} is not writable ({e.strerror}): pass --storage DIR") from None
+    free = shutil.disk_usage(p).free
+    if free < MIN_FREE_BYTES:
+        raise StorageError(f"results storage {p} is full ({free / 1e6:.0f} MB free, checkpoints need at least "
+                           f"{MIN_FREE_BYTES / 1e6:.0f} MB): free space or pass --storage DIR")
     return str(p)
 
 
 class StorageError(RuntimeError):
-    pass
+    """The results storage cannot take this experiment (unwritable, full)."""
+
+
+MIN_FREE_BYTES = 200 * 1024 * 1024   # below this a run would fail mid-way writing checkpoints
 
 
 def latest_run_dir(storage: str, name: str) -> Optional[str]:
@@ -133,11 +142,18 @@ def latest_run_dir(storage: str, name: str) -> Optional[str]:
     return str(runs[-1]) if runs else None
 
 
-def _searcher(spec: ExperimentSpec, limit: int):
+def _searcher(spec: ExperimentSpec, limit: int, points: Optional[list[dict]] = None):
     """The search algorithm, holding at most ``limit`` trials at once. (Tune applies
     TuneConfig.max_concurrent_trials only to Searchers it wraps, and silently ignores it for a
-    BasicVariantGenerator passed in: the limit must be set on the generator itself.)"""
+    BasicVariantGenerator passed in: the limit must be set on the generator itself.)
+    ``points``: run exactly these samples instead of searching (the recipe's refine step)."""
     o = spec.options
+    if points:
+        from ray.tune.search import ConcurrencyLimiter
+
+        from tuning.fixed_search import FixedSamples
+
+        return ConcurrencyLimiter(FixedSamples(points, metric=o.metric, mode=o.mode), max_concurrent=limit)
     if o.search == "optuna_tpe":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
@@ -169,8 +185,9 @@ def _trial_resources(spec: ExperimentSpec) -> Callable[[dict], dict]:
 
 def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                    address: Optional[str] = None, resume: bool = False, num_cpus: Optional[int] = None,
-                   out: Callable[[str], None] = print) -> ExperimentResult:
+                   out: Callable[[str], None] = print, points: Optional[list[dict]] = None) -> ExperimentResult:
     """Run ``spec`` to the end on a private local Ray cluster (or the one at ``address``).
+    ``points``: exactly these samples ({space key: value}) are run, instead of searching the space.
 
     Everything that can be wrong is checked before Ray starts: the tracking backend, the
     storage, the cluster's room for one trial (after Ray starts, before any trial).
@@ -198,7 +215,7 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
             address = cluster.address
             out(f"started a local Ray cluster ({cluster.num_cpus} CPUs, dashboard {cluster.dashboard_url})")
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=True)
-        return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out)
+        return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out, points=points)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -207,7 +224,7 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
 
 
 def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bool, local: bool,
-          out: Callable[[str], None]) -> ExperimentResult:
+          out: Callable[[str], None], points: Optional[list[dict]] = None) -> ExperimentResult:
     import ray
     from ray import tune
 
@@ -227,8 +244,9 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
     train_storage = f"{run_dir}/train"
     tracker = MLflowTracker(spec, uri, run_dir, train_storage)
     progress = ProgressPrinter(spec, out)
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, spec=spec, storage=train_storage),
-                                    _trial_resources(spec))
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, spec=spec, storage=train_storage, tracking_uri=uri),  # uri: mlflow: pretrained
+        _trial_resources(spec))
     out(f"{o.name}: {o.num_samples} trials, {limit} at a time, results in {run_dir}, MLflow {uri}")
     if resume:
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True,
@@ -237,7 +255,7 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
         tuner = tune.Tuner(
             trainable, param_space=to_tune(spec),
             tune_config=tune.TuneConfig(metric=o.metric, mode=o.mode, num_samples=o.num_samples,
-                                        search_alg=_searcher(spec, limit), scheduler=_scheduler(spec)),
+                                        search_alg=_searcher(spec, limit, points), scheduler=_scheduler(spec)),
             run_config=tune.RunConfig(
                 name=Path(run_dir).name, storage_path=str(Path(run_dir).parent) if "://" not in run_dir
                 else run_dir.rsplit("/", 1)[0], callbacks=[tracker, progress], verbose=0,
@@ -247,6 +265,7 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
     grid = tuner.fit()
     tracker = next((c for c in _callbacks(tuner) if isinstance(c, MLflowTracker)), tracker)
     rows = _rows(spec, grid, tracker)
+    tracker.log_experiment_plots(rows)
     result = ExperimentResult(o.name, run_dir, rows, uri, tracker.experiment_id, tracker.parent_run_id)
     if result.best and result.best.run_id:
         result.model_version = register_best(uri, result.best.run_id, o.name, out)
@@ -282,10 +301,23 @@ def _rows(spec: ExperimentSpec, grid, tracker) -> list[TrialRow]:
         best = (max(values) if o.mode == "max" else min(values)) if values and status not in ("diverged", "failed") else None
         params = {k: v for k, v in (r.config or {}).items() if k in spec.space}
         rows.append(TrialRow(trial_id, status, int(last.get("epoch", 0)), best, params,
-                             tracker._children.get(trial_id), str(r.error).splitlines()[0][:200] if r.error else None))
+                             tracker._children.get(trial_id), str(r.error).splitlines()[0][:200] if r.error else None,
+                             _diagnosis(tracker, trial_id, history)))
     sign = -1 if o.mode == "max" else 1
     rows.sort(key=lambda r: (r.metric is None, sign * (r.metric or 0.0)))
     return rows
+
+
+def _diagnosis(tracker, trial_id: str, history) -> Optional[str]:
+    """The tracker's diagnosis of the trial (made when it ended), else one from Tune's history."""
+    from tuning.diagnose import diagnose
+
+    d = tracker.diagnoses.get(trial_id)
+    if d is None and history is not None:
+        records = [{k: v for k, v in rec.items() if not (isinstance(v, float) and math.isnan(v))}
+                   for rec in history.to_dict("records")]
+        d = diagnose(records)
+    return d.kind if d is not None else None
 
 
 def register_best(uri: str, run_id: str, name: str, out: Callable[[str], None]) -> Optional[str]:
