@@ -2,11 +2,13 @@
 cluster, tracked in a real `mlflow server` process; then the MLflow UI in headless Chromium."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from tests.conftest import EPOCHS, NUM_SAMPLES
+from tuning.diagnose import KINDS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -65,6 +67,10 @@ def test_mlflow_layout(experiment, mlflow_server):
     assert parent.data.metrics["best_val_acc"] == pytest.approx(result.best.metric)
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_space.yaml", "results.md"} <= parent_files
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
+        "plots/hyperparameters.png", "plots/best_so_far.png"}     # metric vs each hyperparameter, best so far
+    with open(client.download_artifacts(parent.info.run_id, "results.md")) as f:
+        assert "| diagnosis |" in f.read()                          # the results table has the diagnosis column
 
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == NUM_SAMPLES          # one run per trial, none duplicated
@@ -82,6 +88,12 @@ def test_mlflow_layout(experiment, mlflow_server):
         assert ckpts == {"checkpoints/best", "checkpoints/last"}
         best_files = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run.info.run_id, "checkpoints/best")}
         assert best_files == {"checkpoint.pt", "meta.json", "trace.json"}
+        # the learning-curve diagnosis and the per-run plots, made when the trial ended
+        assert tags["schedtune.diagnosis"] in KINDS and isinstance(json.loads(tags["schedtune.diagnosis_evidence"]), dict)
+        row = next(r for r in result.rows if r.trial_id == tags["schedtune.trial_id"])
+        assert row.diagnosis == tags["schedtune.diagnosis"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
+            "plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/update_ratio.png"}
 
 
 def test_best_model_is_registered(experiment, mlflow_server):

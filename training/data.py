@@ -42,6 +42,10 @@ class DataBundle:
     input_shape: tuple[int, ...]        # one sample, e.g. (64,) or (1, 8, 8) / (3, 32, 32)
     class_names: list[str]
     is_image: bool                      # (C, H, W) samples: image augmentation applies
+    # The standardization the samples went through, x = (raw - mean) / std, shaped to broadcast onto
+    # one sample ((C, 1, 1) or (F,)); None where unknown. Lets an exported model take raw inputs.
+    mean: Optional[torch.Tensor] = None
+    std: Optional[torch.Tensor] = None
 
 
 class Uint8Images(Dataset):
@@ -120,7 +124,8 @@ def _tensor_bundle(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx:
         return TensorDataset(((xt[idx] - mean) / std).float(), yt[idx])
 
     return DataBundle(part(train_idx), part(val_idx), num_classes=len(class_names),
-                      input_shape=tuple(xt.shape[1:]), class_names=class_names, is_image=is_image)
+                      input_shape=tuple(xt.shape[1:]), class_names=class_names, is_image=is_image,
+                      mean=mean.float(), std=std.float())
 
 
 @contextlib.contextmanager
@@ -226,7 +231,7 @@ def _cifar10(cfg: DataConfig) -> DataBundle:
         x_train, y_train = x_train[keep], y_train[keep]
     return DataBundle(Uint8Images(x_train, y_train, mean, std), Uint8Images(x_val, y_val, mean, std),
                       num_classes=len(train.classes), input_shape=tuple(x_train.shape[1:]),
-                      class_names=list(train.classes), is_image=True)
+                      class_names=list(train.classes), is_image=True, mean=mean.float(), std=std.float())
 
 
 def _imagefolder(cfg: DataConfig) -> DataBundle:
@@ -267,7 +272,8 @@ def _imagefolder(cfg: DataConfig) -> DataBundle:
         train_idx = train_idx[:cfg.num_samples]
     return DataBundle(Subset(full_train, train_idx.tolist()), val, num_classes=len(full_train.classes),
                       input_shape=(3, cfg.image_size, cfg.image_size), class_names=list(full_train.classes),
-                      is_image=True)
+                      is_image=True, mean=torch.tensor(IMAGENET_MEAN).view(3, 1, 1),
+                      std=torch.tensor(IMAGENET_STD).view(3, 1, 1))
 
 
 DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import DataBundle, load_data
+from training.ensemble import cycle_end_steps, snapshot, snapshot_ensemble
 from training.models import apply_transfer, build_model
 from training.optim import build_optimizer
 from training.regularizers import augment_images, mix_batch, param_groups, soft_cross_entropy
@@ -91,6 +92,8 @@ class _Run:
     # trace (kept in every checkpoint, for plots and diagnosis): "loss" and "lr" per optimizer step
     # (this worker's micro-batch mean loss; the head group's LR); "layer_update_ratio" one
     # {layer: ||dW|| / ||W||} per epoch, measured on its last step.
+    snapshot_steps: frozenset[int] = frozenset()   # cyclic_cosine: steps done when a cycle ends
+    snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)   # weights at those steps
 
 
 def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
@@ -118,7 +121,10 @@ def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.regularization.ema_decay), use_buffers=True)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    return _Run(cfg, data, plan, model, core, optimizer, scheduler, ema, gen, device)
+    run = _Run(cfg, data, plan, model, core, optimizer, scheduler, ema, gen, device)
+    if cfg.schedule.name == "cyclic_cosine":
+        run.snapshot_steps = frozenset(cycle_end_steps(plan.total_steps, plan.warmup_steps, cfg.schedule.cycles))
+    return run
 
 
 def _loader(run: _Run, epoch: int) -> DataLoader:
@@ -173,8 +179,7 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
-        if run.ema is not None:
-            run.ema.update_parameters(run.core)
+        _average(run)
         if before is not None:
             layers = _update_ratios(run, before)
             run.trace["layer_update_ratio"].append(layers)
@@ -191,6 +196,15 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
         raise Diverged(run.step, run.optimizer.param_groups[-1]["lr"], train_loss, "train loss")
     return {"train_loss": train_loss, "train_acc": correct / max(count, 1), "lr": lr,
             "grad_norm": norm_sum / max(n_steps, 1), "update_ratio": ratio, "samples": count}
+
+
+def _average(run: _Run) -> None:
+    """After every optimizer step: the EMA update, and a snapshot of the weights where a
+    cyclic_cosine cycle ends (``run.step`` still counts the steps before this one)."""
+    if run.ema is not None:
+        run.ema.update_parameters(run.core)
+    if run.step + 1 in run.snapshot_steps:
+        run.snapshots.append(snapshot(run.core))
 
 
 @torch.no_grad()
@@ -212,10 +226,17 @@ def evaluate(model: nn.Module, run: _Run) -> dict[str, float]:
     return {"val_loss": loss_sum / max(count, 1), "val_acc": correct / max(count, 1)}
 
 
+def _snapshot_metrics(run: _Run) -> dict[str, float]:
+    """The val metrics of the ensemble of the cycle-end snapshots (their mean probabilities)."""
+    m = evaluate(snapshot_ensemble(run.core, run.snapshots), run)
+    return {**{f"snapshot_ensemble_{k}": v for k, v in m.items()}, "snapshot_ensemble_size": len(run.snapshots)}
+
+
 def _state(run: _Run, epoch: int, best: Optional[dict]) -> dict[str, Any]:
     return {"model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "ema": run.ema.state_dict() if run.ema else None,
-            "rng": ckpt.rng_state(run.gen), "epoch": epoch, "step": run.step, "best": best, "trace": run.trace}
+            "rng": ckpt.rng_state(run.gen), "epoch": epoch, "step": run.step, "best": best, "trace": run.trace,
+            "snapshots": run.snapshots}
 
 
 def _restore(run: _Run, path: str | Path) -> tuple[int, Optional[dict]]:
@@ -228,6 +249,7 @@ def _restore(run: _Run, path: str | Path) -> tuple[int, Optional[dict]]:
     ckpt.set_rng_state(state["rng"], run.gen)
     run.step = state["step"]
     run.trace = state.get("trace") or run.trace
+    run.snapshots = state.get("snapshots") or []
     return state["epoch"], state.get("best")
 
 
@@ -261,6 +283,8 @@ def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path
                    "samples_per_s": samples / train_time}
         if run.ema is not None:
             metrics.update({f"ema_{k}": v for k, v in evaluate(run.ema, run).items()})
+        if epoch + 1 == cfg.epochs and run.snapshots:
+            metrics.update(_snapshot_metrics(run))
         metrics["epoch_time_s"] = time.perf_counter() - t0
         is_best = key in metrics and (best is None or _better(metrics[key], best[key], mode))
         if is_best:

@@ -185,9 +185,11 @@ def _trial_resources(spec: ExperimentSpec) -> Callable[[dict], dict]:
 
 def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                    address: Optional[str] = None, resume: bool = False, num_cpus: Optional[int] = None,
-                   out: Callable[[str], None] = print, points: Optional[list[dict]] = None) -> ExperimentResult:
+                   out: Callable[[str], None] = print, points: Optional[list[dict]] = None,
+                   register_model: bool = True) -> ExperimentResult:
     """Run ``spec`` to the end on a private local Ray cluster (or the one at ``address``).
     ``points``: exactly these samples ({space key: value}) are run, instead of searching the space.
+    ``register_model``: register the best trial's model (off for the recipe's intermediate searches).
 
     Everything that can be wrong is checked before Ray starts: the tracking backend, the
     storage, the cluster's room for one trial (after Ray starts, before any trial).
@@ -215,7 +217,8 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
             address = cluster.address
             out(f"started a local Ray cluster ({cluster.num_cpus} CPUs, dashboard {cluster.dashboard_url})")
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=True)
-        return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out, points=points)
+        return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out, points=points,
+                     register_model=register_model)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -224,7 +227,8 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
 
 
 def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bool, local: bool,
-          out: Callable[[str], None], points: Optional[list[dict]] = None) -> ExperimentResult:
+          out: Callable[[str], None], points: Optional[list[dict]] = None,
+          register_model: bool = True) -> ExperimentResult:
     import ray
     from ray import tune
 
@@ -267,7 +271,7 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
     rows = _rows(spec, grid, tracker)
     tracker.log_experiment_plots(rows)
     result = ExperimentResult(o.name, run_dir, rows, uri, tracker.experiment_id, tracker.parent_run_id)
-    if result.best and result.best.run_id:
+    if register_model and result.best and result.best.run_id:
         result.model_version = register_best(uri, result.best.run_id, o.name, out)
     from tuning.report import results_table
 
@@ -313,7 +317,7 @@ def _diagnosis(tracker, trial_id: str, history) -> Optional[str]:
     from tuning.diagnose import diagnose
 
     d = tracker.diagnoses.get(trial_id)
-    if d is None and history is not None:
+    if d is None and history is not None and len(history):
         records = [{k: v for k, v in rec.items() if not (isinstance(v, float) and math.isnan(v))}
                    for rec in history.to_dict("records")]
         d = diagnose(records)

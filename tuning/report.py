@@ -18,14 +18,15 @@ def _fmt(v) -> str:
 
 
 def results_table(result: "ExperimentResult", spec: ExperimentSpec) -> str:
-    """Markdown table of every trial, best first: id, how it ended, epochs, metric, sampled values."""
+    """Markdown table of every trial, best first: id, how it ended, epochs, metric, the diagnosis of
+    its learning curves (tuning.diagnose), sampled values."""
     keys = list(spec.space)
     metric = spec.options.metric
-    head = ["trial", "status", "epochs", metric] + keys
+    head = ["trial", "status", "epochs", metric, "diagnosis"] + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         cells = [r.trial_id + (" (best)" if result.best is r else ""), r.status, str(r.epochs),
-                 "-" if r.metric is None else f"{r.metric:.4f}"]
+                 "-" if r.metric is None else f"{r.metric:.4f}", r.diagnosis or "-"]
         sample = spec.decode(r.params)
         cells += [_fmt(sample.get(k, "-")) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")

@@ -27,12 +27,14 @@ from tuning.space import ExperimentSpec
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 2.0
+FINAL_RETRY_S = 30.0   # at the end, how long a tracking server that is down gets to come back
 # Keys Tune adds to every result: not training metrics.
 _TUNE_KEYS = {"epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
               "time_since_restore", "iterations_since_restore", "pid", "done", "diverged_step"}
 
 
 FAILED = object()  # what MLflowTracker._safe returns when the call raised
+TRACE_FILE = "trace.json"   # training.checkpoint.TRACE_FILE (not imported: that module imports torch)
 
 
 class TrackingError(RuntimeError):
@@ -131,7 +133,11 @@ class MLflowTracker(Callback):
         self._logged_upto: dict[str, int] = {}   # trial -> last epoch already in MLflow (resume)
         self._final: set[str] = set()            # trials whose run ended before an interruption
         self._buffer: dict[str, list] = {}
+        self._trials: dict[str, Any] = {}          # trial id -> Tune Trial (to create a run late)
+        self._pending_end: dict[str, tuple] = {}   # trial id -> (trial, errored): ended during an outage
         self._last: dict[str, dict] = {}
+        self._history: dict[str, list[dict]] = {}  # trial -> per-epoch metrics (learning-curve diagnosis)
+        self.diagnoses: dict[str, Any] = {}        # trial -> tuning.diagnose.Diagnosis, set when it ends
         self._last_flush = 0.0
         self._warned = False
         self.lost: dict[str, int] = {}
@@ -142,23 +148,33 @@ class MLflowTracker(Callback):
         if self._client is None:
             import mlflow
 
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            # Fail fast: MLflow's own retries (with backoff) would stall Tune's event loop while
+            # the server is down; flush() retries on its own schedule instead.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             self._client = mlflow.MlflowClient(self.uri)
         return self._client
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_trials": {}, "_pending_end": {}}
+
+    def __setstate__(self, state):  # state pickled before a field existed resumes with its default
+        self.__init__(state["spec"], state["uri"], state["run_dir"], state["train_storage"])
+        self.__dict__.update(state)
 
     def _safe(self, what: str, fn, *a, **kw):
         try:
-            return fn(*a, **kw)
+            value = fn(*a, **kw)
         except Exception as e:  # the tracking server is down: training goes on
             if not self._warned:
                 print(f"[schedtune] MLflow at {self.uri} failed to {what} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200]}); training continues, retrying", file=sys.stderr)
                 self._warned = True
             return FAILED
+        if self._warned:
+            print(f"[schedtune] MLflow at {self.uri} is reachable again", file=sys.stderr)
+            self._warned = False
+        return value
 
     def _find_run(self, tags: dict[str, str]) -> Optional[str]:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -213,6 +229,10 @@ class MLflowTracker(Callback):
         from mlflow.entities import Metric
 
         self._last[trial.trial_id] = result
+        self._trials[trial.trial_id] = trial
+        entry = {**{k: result[k] for k in ("epoch", "diverged_step") if k in result}, **training_metrics(result)}
+        self._history[trial.trial_id] = [h for h in self._history.get(trial.trial_id, [])
+                                         if h.get("epoch") != entry.get("epoch")] + [entry]
         step, now = int(result.get("epoch", result.get("training_iteration", 0))), int(time.time() * 1000)
         if step <= self._logged_upto.get(trial.trial_id, 0):
             return  # logged before an interruption: never twice
@@ -225,6 +245,8 @@ class MLflowTracker(Callback):
     def flush(self) -> None:
         self._last_flush = time.monotonic()
         for trial_id, metrics in list(self._buffer.items()):
+            if metrics and trial_id not in self._children and trial_id in self._trials:
+                self.on_trial_start(0, [], self._trials[trial_id])  # it started while MLflow was down
             run_id = self._children.get(trial_id)
             if not metrics or run_id is None:
                 continue
@@ -232,14 +254,26 @@ class MLflowTracker(Callback):
                 if self._safe("log metrics", self.client.log_batch, run_id, metrics=metrics[:1000]) is FAILED:
                     return  # still down: keep the rest buffered for the next flush
                 del metrics[:1000]
+        for trial, errored in list(self._pending_end.values()):  # ends that fell in an outage
+            if not self._finish_trial(trial, errored):
+                return
 
     def _end_trial(self, trial, errored: bool) -> None:
+        self._trials[trial.trial_id] = trial
+        self._pending_end[trial.trial_id] = (trial, errored)
+        self.flush()  # sends the trial's metrics, then finishes it (or leaves it pending)
+
+    def _finish_trial(self, trial, errored: bool) -> bool:
+        """Tag, upload and close a trial's run; False (still pending) while MLflow is down."""
         if trial.trial_id not in self._children:
             self.on_trial_start(0, [], trial)
-        self.flush()
         run_id = self._children.get(trial.trial_id)
-        if run_id is None or trial.trial_id in self._final:
-            return  # no run, or it ended before an interruption and nothing new came since
+        if run_id is None or trial.trial_id in self._final or self._buffer.get(trial.trial_id):
+            # no run yet / metrics still unsent: retry at the next flush; ended before an interruption: done
+            done = trial.trial_id in self._final
+            if done:
+                self._pending_end.pop(trial.trial_id, None)
+            return done
         last = self._last.get(trial.trial_id, {})
         state = end_state(last, errored, self.spec.base.epochs, self.spec.options.scheduler.name)
         tags = {"schedtune.status": state, "schedtune.end_epoch": str(int(last.get("epoch", 0)))}
@@ -248,23 +282,74 @@ class MLflowTracker(Callback):
                          "schedtune.diverged_lr": f"{last['diverged_lr']:.6g}"})
         if errored and getattr(trial, "error_file", None):
             tags["schedtune.error_file"] = str(trial.error_file)
-        self._safe("log checkpoints", self._log_checkpoints, trial, run_id)
+        last_ckpt = self._safe("log checkpoints", self._log_checkpoints, trial, run_id)
+        if last_ckpt is FAILED:
+            return False
+        diagnosis = self._safe("diagnose a trial", self._diagnose, trial.trial_id, run_id, last_ckpt)
+        tags.update({} if diagnosis is FAILED else diagnosis)
         # The status tag goes last: once a run has it, its checkpoints are in (resume relies on it).
-        self._safe("tag a trial", self.client.log_batch, run_id, tags=[_tag(k, v) for k, v in tags.items()])
-        self._safe("end a trial run", self.client.set_terminated, run_id, "FAILED" if errored else "FINISHED")
+        if self._safe("tag a trial", self.client.log_batch, run_id,
+                      tags=[_tag(k, v) for k, v in tags.items()]) is FAILED:
+            return False
+        if self._safe("end a trial run", self.client.set_terminated, run_id,
+                      "FAILED" if errored else "FINISHED") is FAILED:
+            return False
+        self._pending_end.pop(trial.trial_id, None)
+        return True
 
-    def _log_checkpoints(self, trial, run_id: str) -> None:
+    def _log_checkpoints(self, trial, run_id: str) -> tuple[dict, dict]:
+        """Log the best and last checkpoints; return the last one's (trace, meta), {} where none."""
         import pyarrow.fs as pafs
 
         found = find_checkpoints(trial.path) + find_checkpoints(f"{self.train_storage}/train-{trial.trial_id}")
         best, last = best_and_last(found, self.spec.options.metric, self.spec.options.mode)
+        trace: dict = {}
         for label, ckpt in (("best", best), ("last", last)):
             if ckpt is None:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 pafs.copy_files(ckpt[0], tmp)
+                if label == "last" and (Path(tmp) / TRACE_FILE).exists():
+                    trace = json.loads((Path(tmp) / TRACE_FILE).read_text())
                 self.client.log_artifacts(run_id, tmp, f"checkpoints/{label}")
             self.client.set_tag(run_id, f"schedtune.checkpoint_{label}_epoch", str(ckpt[1]["epoch"]))
+        return trace, (last[1] if last else {})
+
+    def _diagnose(self, trial_id: str, run_id: str, last_ckpt: tuple[dict, dict]) -> dict[str, str]:
+        """Diagnose the trial's learning curves (returned as tags) and log its plots under plots/."""
+        from tuning.diagnose import diagnose
+
+        trace, meta = last_ckpt
+        history = self._history.get(trial_id, [])
+        if not history:   # failed before its first report: nothing to read
+            return {}
+        d = diagnose(history, step_losses=trace.get("loss"), num_classes=meta.get("num_classes"))
+        self.diagnoses[trial_id] = d
+        self._safe("log plots", self._log_plots, run_id, history, trace)
+        return {"schedtune.diagnosis": d.kind, "schedtune.diagnosis_evidence": d.evidence_json()}
+
+    def _log_plots(self, run_id: str, history: list[dict], trace: dict) -> None:
+        from tuning.plots import run_plots
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if run_plots(tmp, history, trace):
+                self.client.log_artifacts(run_id, tmp, "plots")
+
+    def log_experiment_plots(self, rows: list) -> None:
+        """Metric against each sampled hyperparameter and the best-so-far curve (trials in start
+        order) as PNGs under plots/ on the parent run. ``rows``: tuning.experiment.TrialRow."""
+        from tuning.plots import experiment_plots
+
+        order = {t: i for i, t in enumerate(self._children)}
+        rows = sorted(rows, key=lambda r: order.get(r.trial_id, len(order)))
+        o = self.spec.options
+
+        def log():
+            with tempfile.TemporaryDirectory() as tmp:
+                experiment_plots(tmp, [self.spec.decode(r.params) for r in rows], [r.metric for r in rows],
+                                 self.spec.space, o.metric, o.mode)
+                self.client.log_artifacts(self.parent_run_id, tmp, "plots")
+        self._safe("log experiment plots", log)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end_trial(trial, errored=False)
@@ -273,11 +358,17 @@ class MLflowTracker(Callback):
         self._end_trial(trial, errored=True)
 
     def finish(self, table_md: str, best: Optional[dict], model_version: Optional[str]) -> None:
-        """Close the parent run: results table, best trial, registered model."""
+        """Close the parent run: results table, best trial, registered model. A server that is
+        down gets ``FINAL_RETRY_S`` to come back before anything is reported lost."""
+        deadline = time.monotonic() + FINAL_RETRY_S
         self.flush()
+        while (self._pending_end or any(self._buffer.values())) and time.monotonic() < deadline:
+            time.sleep(2.0)
+            self.flush()
         pending = sum(len(v) for v in self._buffer.values())
-        if pending:
-            print(f"[schedtune] {pending} metric values could not be sent to {self.uri}", file=sys.stderr)
+        if pending or self._pending_end:
+            print(f"[schedtune] MLflow at {self.uri}: {pending} metric values and {len(self._pending_end)} "
+                  f"trial endings could not be sent", file=sys.stderr)
             self._safe("tag lost metrics", self.client.set_tag, self.parent_run_id,
                        "schedtune.lost_metrics", str(pending))
         self._safe("log the results table", self.client.log_text, self.parent_run_id, table_md, "results.md")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from training.config import TrainConfig
+from tuning.register import MLFLOW_PREFIX
 from tuning.space import ExperimentSpec
 
 FAILURE_CONTROLLER_LIMIT = 2  # a worker group that cannot start fails the trial after 2 tries
@@ -31,6 +32,7 @@ def _train_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     with tempfile.TemporaryDirectory(prefix="schedtune-worker-") as work:
         resume = _restored(ray.train.get_checkpoint(), work)
+        cfg = _local_pretrained(cfg, work)
 
         def report(metrics: dict, directory: Optional[str]) -> None:
             ckpt = ray.train.Checkpoint.from_directory(directory) if directory else None
@@ -49,6 +51,33 @@ def _restored(checkpoint, work: str) -> Optional[str]:
     return checkpoint.to_directory(str(Path(work) / "restored"))
 
 
+def resolve_pretrained(cfg: TrainConfig, storage: str, tracking_uri: Optional[str] = None) -> TrainConfig:
+    """``model.pretrained: mlflow:<model-uri>`` (a model an earlier experiment registered) -> its
+    weights as a file under ``storage``/pretrained, which every worker of the trial can read on
+    any node (shared storage). Any other value is left as is. ``tracking_uri``: the experiment's
+    (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."""
+    p = cfg.model.pretrained
+    if not (p and p.startswith(MLFLOW_PREFIX)):
+        return cfg
+    from tuning.register import fetch_pretrained
+    from tuning.tracking import resolve_tracking_uri
+
+    path = fetch_pretrained(p[len(MLFLOW_PREFIX):], resolve_tracking_uri(tracking_uri), f"{storage}/pretrained")
+    return cfg.with_updates({"model.pretrained": path})
+
+
+def _local_pretrained(cfg: TrainConfig, work: str) -> TrainConfig:
+    """A pretrained file on object storage (s3://...) copied into ``work``: torch reads local files."""
+    p = cfg.model.pretrained
+    if not (p and "://" in p):
+        return cfg
+    import pyarrow.fs as pafs
+
+    local = str(Path(work) / Path(p).name)
+    pafs.copy_files(p, local)
+    return cfg.with_updates({"model.pretrained": local})
+
+
 def _diverged_metrics(e, cfg: TrainConfig, metric: str, mode: str) -> dict[str, float]:
     """What a diverged trial reports last: flagged, with the step and LR, and the worst metric
     (so ASHA stops it and it never counts as best)."""
@@ -56,11 +85,11 @@ def _diverged_metrics(e, cfg: TrainConfig, metric: str, mode: str) -> dict[str, 
             metric: -math.inf if mode == "max" else math.inf}
 
 
-def trial_fn(config: dict, spec: ExperimentSpec, storage: str) -> None:
+def trial_fn(config: dict, spec: ExperimentSpec, storage: str, tracking_uri: Optional[str] = None) -> None:
     """The Tune function trainable: one trial of ``spec`` with the sampled ``config``."""
     from ray import tune
 
-    cfg = spec.trial_config(config)
+    cfg = resolve_pretrained(spec.trial_config(config), storage, tracking_uri)
     metric, mode = spec.options.metric, spec.options.mode
     trial_id = tune.get_context().get_trial_id()
     if cfg.scaling.num_workers == 1:
@@ -99,6 +128,7 @@ def _trial_in_process(cfg: TrainConfig, metric: str, mode: str) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     with tempfile.TemporaryDirectory(prefix="schedtune-trial-") as work:
         resume = _restored(tune.get_checkpoint(), work)
+        cfg = _local_pretrained(cfg, work)
 
         def report(metrics: dict, directory: Optional[str]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)

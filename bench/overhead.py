@@ -1,0 +1,495 @@
+"""The cost of the framework: the same model, data, global batch and thread count, timed per epoch.
+
+  (a)  a plain PyTorch loop (DataLoader, SGD) in a bare process
+  (a0) the same loop slicing tensors instead of a DataLoader (what the DataLoader costs)
+  (b)  training.loop.fit in a bare process
+  (c)  a schedtune 1-worker trial: tuning.trial.trial_fn in a Tune trial (fit runs in the trial process)
+  (c1) a 1-worker Ray Train TorchTrainer in a Tune trial (what (c) would cost through Train)
+  (d)  a schedtune 2-worker trial: tuning.trial.trial_fn -> TorchTrainer, DDP over gloo
+
+samples/s is fit's own figure (the training pass of an epoch, no eval), the median over the
+epochs after the first (warm-up); the plain loops time the same pass. Every process computes
+with one thread (torch.set_num_threads(1); Ray gives a worker with cpus_per_worker=1
+OMP_NUM_THREADS=1). Start-up is the time from the trial's start (Tune's on_trial_start, once its
+actor is up) to the start of its first epoch; the breakdown follows the trial through its function,
+its workers' entry and fit's set-up. Memory is the peak over the trial of the summed RSS (and
+PSS) of its processes: the Tune trial actor, the Train controller and the Train workers.
+
+The trials are the shipped code (tuning.trial.trial_fn) with two timing hooks: the report
+function is wrapped to note wall-clock times, and (d)'s Train worker function is wrapped to note
+when it starts. Both cost microseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from common import (Report, TreeMemory, median, parse_args, pick, psutil_module, ray_cluster, run_child,
+                    self_memory)
+
+NAME = "overhead"
+ROLES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")
+GOAL_RATIO, GOAL_STARTUP_S, GOAL_RSS_GB = 0.97, 10.0, 4.0
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", type=int, help="synthetic dataset size (80%% train)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[512, 512], help="MLP hidden widths")
+    p.add_argument("--batch", type=int, default=128, help="global batch (every variant)")
+    p.add_argument("--epochs", type=int, help="epochs after the warm-up epoch")
+    p.add_argument("--rounds", type=int, help="rounds of the bare-process variants (alternating order)")
+    p.add_argument("--skip-ray", action="store_true", help="only the bare-process variants (a), (a0), (b), (e)")
+    p.add_argument("--preload-torch", action="store_true",
+                   help="also run (d) on a cluster whose idle workers import torch ahead (RAY_preload_python_modules)")
+    p.add_argument("--child", choices=["plain", "fit", "ddp"], help=argparse.SUPPRESS)
+    p.add_argument("--child-config", help=argparse.SUPPRESS)
+
+
+def train_config(args: argparse.Namespace, num_workers: int) -> dict[str, Any]:
+    """The TrainConfig (as a dict) every variant trains: only the worker layout differs."""
+    samples = args.samples or pick(args, 40000, 40000, 2000)
+    epochs = 1 + (args.epochs or pick(args, 6, 3, 1))
+    return {"epochs": epochs, "seed": 0,
+            "data": {"name": "synthetic", "num_samples": samples, "val_fraction": 0.2},
+            "model": {"name": "mlp", "hidden": list(args.hidden)},
+            "optim": {"name": "sgd", "base_lr": 0.05, "momentum": 0.9, "lr_scaling": "none"},
+            "schedule": {"name": "constant"},
+            "scaling": {"num_workers": num_workers, "batch_per_worker": args.batch // num_workers,
+                        "cpus_per_worker": 1.0}}
+
+
+# ----------------------------------------------------------------------------- bare processes
+
+def child(kind: str, cfg_dict: dict) -> dict:
+    """Runs in a fresh process: (a)+(a0) or (b); returns per-epoch figures and memory."""
+    import torch
+
+    torch.set_num_threads(1)
+    from training.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(cfg_dict)
+    born = psutil_module().Process().create_time()
+    if kind == "ddp":
+        out = {"e": local_ddp(cfg_dict, born)}
+    elif kind == "fit":
+        from training.loop import fit
+
+        ends: list[float] = []
+        result = fit(cfg, lambda metrics, directory: ends.append(time.time()))
+        hist = result.history
+        out = {"b": {"samples_per_s": [h["samples_per_s"] for h in hist],
+                     "epoch_time_s": [h["epoch_time_s"] for h in hist],
+                     "period_s": [b - a for a, b in zip(ends, ends[1:])],
+                     "startup_s": ends[0] - hist[0]["epoch_time_s"] - born}}
+    else:
+        out = {"a": plain_loop(cfg, born, dataloader=True), "a0": plain_loop(cfg, born, dataloader=False)}
+        out["a0"]["startup_s"] = None   # it ran after (a) in the same process
+    mem = self_memory()
+    for v in out.values():
+        v.setdefault("threads", torch.get_num_threads())
+        v.setdefault("peak_rss_mb", mem["peak_rss_mb"])
+        v.setdefault("pss_mb", mem["pss_mb"])
+    return out
+
+
+def _ddp_rank(rank: int, cfg_dict: dict, port: int, out_dir: str) -> None:
+    """One of (e)'s processes: gloo process group over localhost, then fit()."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    from training.config import TrainConfig
+    from training.loop import fit
+
+    entry = time.time()
+    world = cfg_dict["scaling"]["num_workers"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    ends: list[float] = []
+    hist = fit(TrainConfig.from_dict(cfg_dict), lambda metrics, directory: ends.append(time.time())).history
+    dist.destroy_process_group()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "entry": entry, "ends": ends, "samples_per_s": [h["samples_per_s"] for h in hist],
+        "epoch_time_s": [h["epoch_time_s"] for h in hist], "peak_rss_mb": self_memory()["peak_rss_mb"],
+        "pss_mb": self_memory()["pss_mb"]}))
+
+
+def local_ddp(cfg_dict: dict, born: float) -> dict:
+    """(e): the 2-worker config as 2 local processes (torch.multiprocessing, spawn) running fit
+    under DDP/gloo, no Ray: what a trial's worker group costs without Train's actors."""
+    import torch.multiprocessing as tmp
+
+    from tuning.cluster import free_ports
+
+    cfg_dict = {**cfg_dict, "scaling": {**cfg_dict["scaling"], "num_workers": 2,
+                                        "batch_per_worker": cfg_dict["scaling"]["batch_per_worker"] // 2}}
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as out_dir:
+        spawned = time.time()
+        tmp.start_processes(_ddp_rank, args=(cfg_dict, free_ports(1)[0], out_dir), nprocs=2, start_method="spawn")
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("rank*.json"))]
+    first = max(r["ends"][0] - r["epoch_time_s"][0] for r in ranks)
+    entry = max(r["entry"] for r in ranks)
+    ends = ranks[0]["ends"]
+    return {"samples_per_s": ranks[0]["samples_per_s"], "epoch_time_s": ranks[0]["epoch_time_s"],
+            "period_s": [b - a for a, b in zip(ends, ends[1:])], "startup_s": first - born,
+            "breakdown": {"process start -> spawn (python, torch import)": spawned - born,
+                          "spawn -> both ranks' entry (python, torch import)": entry - spawned,
+                          "entry -> first epoch (gloo, fit set-up)": first - entry},
+            "peak_rss_mb": sum(r["peak_rss_mb"] for r in ranks) + self_memory()["peak_rss_mb"],
+            "pss_mb": sum(r["pss_mb"] for r in ranks) + self_memory()["pss_mb"], "threads": 1}
+
+
+def plain_loop(cfg, born: float, dataloader: bool) -> dict:
+    """The reference: forward, loss, backward, SGD step; then a plain eval pass. Same model
+    (the registry builds it), same data, same global batch, same optimizer settings."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from training.data import load_data
+    from training.models import build_model
+
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data)
+    model = build_model(cfg.model, data.num_classes, data.input_shape)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.base_lr, momentum=cfg.optim.momentum)
+    batch = cfg.scaling.global_batch
+    xs, ys = data.train.tensors
+
+    def batches():
+        if dataloader:
+            yield from DataLoader(data.train, batch_size=batch, shuffle=True, drop_last=True)
+            return
+        perm = torch.randperm(len(ys))
+        for i in range(len(ys) // batch):
+            idx = perm[i * batch:(i + 1) * batch]
+            yield xs[idx], ys[idx]
+
+    sps, ends, first_start = [], [], None
+    for _ in range(cfg.epochs):
+        t0 = time.perf_counter()
+        first_start = first_start or time.time()
+        model.train()
+        n = 0
+        for x, y in batches():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            n += len(y)
+        sps.append(n / (time.perf_counter() - t0))
+        model.eval()
+        with torch.no_grad():
+            for x, y in DataLoader(data.val, batch_size=max(batch, 256)):
+                (model(x).argmax(-1) == y).sum().item()
+        ends.append(time.time())
+    return {"samples_per_s": sps, "period_s": [b - a for a, b in zip(ends, ends[1:])],
+            "startup_s": first_start - born}
+
+
+def bare(args: argparse.Namespace, kind: str) -> dict:
+    cfg = json.dumps(train_config(args, 1))
+    return run_child([str(Path(__file__).resolve()), "--child", kind, "--child-config", cfg],
+                     env={"OMP_NUM_THREADS": "1"})
+
+
+IMPORT_PROBE = ("import json, time; t = time.perf_counter(); import {mod}; s = time.perf_counter() - t; "
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]; "
+                "print(json.dumps({{'s': s, 'rss_mb': int(hwm) / 1024}}))")
+
+
+def import_costs() -> dict[str, dict]:
+    """What importing each module costs a fresh Python process: seconds and peak RSS. Every Ray
+    process of a trial that touches torch pays the torch line (the CUDA build maps its libraries
+    even on a CPU-only machine)."""
+    return {mod: run_child(["-c", IMPORT_PROBE.format(mod=mod)]) for mod in ("json", "ray", "torch", "ray.train.torch")}
+
+
+# ----------------------------------------------------------------------------- Ray trials
+
+def timed_trial(config: dict, spec, storage: str, timing_dir: str, train_workers: int = 0) -> None:
+    """A Tune function trainable: tuning.trial.trial_fn with timing hooks (see the module doc).
+    ``train_workers`` > 0 runs a plain ``train_workers``-worker TorchTrainer over the same worker
+    function instead (the (c1) variant: one worker through Train)."""
+    fn_entry = time.time()
+    import ray.train
+    import ray.tune
+
+    import tuning.trial as trial
+
+    def note(where: str, metrics: dict, **extra: Any) -> None:
+        path = Path(timing_dir) / f"{where}.json"
+        if not path.exists():   # the first report of this process: enough for start-up
+            import torch
+
+            path.write_text(json.dumps({"fn_entry": fn_entry, "report_wall": time.time(), "pid": os.getpid(),
+                                        "epoch_time_s": metrics.get("epoch_time_s"),
+                                        "threads": torch.get_num_threads(), **extra}))
+
+    real_tune_report, real_worker = ray.tune.report, trial._train_worker
+
+    def tune_report(metrics, *a, **kw):
+        note("trial", metrics)
+        return real_tune_report(metrics, *a, **kw)
+
+    def timed_worker(loop_config: dict) -> None:
+        worker_entry = time.time()
+        import ray.train
+
+        real_train_report = ray.train.report
+
+        def train_report(metrics, *a, **kw):
+            note(f"rank{ray.train.get_context().get_world_rank()}", metrics, worker_entry=worker_entry)
+            return real_train_report(metrics, *a, **kw)
+
+        ray.train.report = train_report
+        real_worker(loop_config)
+
+    ray.tune.report, trial._train_worker = tune_report, timed_worker
+    if not train_workers:
+        return trial.trial_fn(config, spec, storage)
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = spec.trial_config(config)
+    TorchTrainer(timed_worker, train_loop_config={"train": cfg.to_dict(), "metric": "val_acc", "mode": "max"},
+                 scaling_config=ray.train.ScalingConfig(num_workers=train_workers,
+                                                        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                 run_config=ray.train.RunConfig(name=f"train-{ray.tune.get_context().get_trial_id()}",
+                                                storage_path=storage, callbacks=[TuneReportCallback()])).fit()
+
+
+def make_spec(cfg_dict: dict):
+    from training.config import TrainConfig
+    from tuning.space import ExperimentOptions, ExperimentSpec
+
+    return ExperimentSpec(file="<bench/overhead.py>", options=ExperimentOptions(name="bench-overhead"),
+                          base=TrainConfig.from_dict(cfg_dict), space={}, text="")
+
+
+def ray_trial(args: argparse.Namespace, cluster, label: str, num_workers: int, through_train: bool,
+              work: Path) -> dict:
+    """One Tune trial of the benchmark config on ``cluster``; its per-epoch figures, start-up
+    breakdown and peak memory."""
+    from ray import tune
+
+    from tuning.experiment import TRIAL_DRIVER_CPU, _trial_resources
+
+    spec = make_spec(train_config(args, num_workers))
+    timing = work / f"timing-{label}"
+    timing.mkdir(parents=True)
+    if through_train and num_workers == 1:
+        resources = {"cpu": TRIAL_DRIVER_CPU}
+        trainable = tune.with_parameters(timed_trial, spec=spec, storage=str(work / "train"), timing_dir=str(timing),
+                                         train_workers=1)
+    else:
+        resources = _trial_resources(spec)
+        trainable = tune.with_parameters(timed_trial, spec=spec, storage=str(work / "train"), timing_dir=str(timing))
+
+    class Clock(tune.Callback):
+        start: Optional[float] = None
+        arrivals: list = []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            Clock.start = time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            Clock.arrivals.append((time.time(), dict(result)))
+
+    Clock.arrivals = []
+    memory = TreeMemory(cluster.proc.pid, ROLES)
+    memory.start()
+    launched = time.time()
+    grid = tune.Tuner(tune.with_resources(trainable, resources),
+                      tune_config=tune.TuneConfig(num_samples=1),
+                      run_config=tune.RunConfig(name=label, storage_path=str(work / "tune"), callbacks=[Clock()],
+                                                verbose=0)).fit()
+    memory.stop()
+    if grid.errors:
+        raise RuntimeError(f"({label}) trial failed: {grid.errors[0]}")
+    results = [r for _, r in Clock.arrivals]
+    notes = {p.stem: json.loads(p.read_text()) for p in timing.glob("*.json")}
+    workers = [v for k, v in notes.items() if k.startswith("rank")]
+    first = notes.get("rank0") or notes["trial"]
+    epoch_start = [n["report_wall"] - n["epoch_time_s"] for n in (workers or [first])]
+    breakdown = {"launch -> trial start": Clock.start - launched,
+                 "trial start -> trial fn": first["fn_entry"] - Clock.start}
+    if workers:
+        breakdown["trial fn -> train worker fn (controller, worker group, torch, gloo)"] = (
+            max(w["worker_entry"] for w in workers) - first["fn_entry"])
+        breakdown["worker fn -> first epoch (fit set-up)"] = max(epoch_start) - max(w["worker_entry"] for w in workers)
+    else:
+        breakdown["trial fn -> first epoch (fit set-up)"] = max(epoch_start) - first["fn_entry"]
+    breakdown["first epoch report -> driver"] = Clock.arrivals[0][0] - first["report_wall"]
+    ends = [t for t, _ in Clock.arrivals]
+    tasks = task_timeline(cluster.dashboard_url, Clock.start, max(epoch_start)) if workers else []
+    return {"tasks": tasks, "samples_per_s": [r["samples_per_s"] for r in results],
+            "epoch_time_s": [r["epoch_time_s"] for r in results],
+            "period_s": [b - a for a, b in zip(ends, ends[1:])],
+            "startup_s": max(epoch_start) - Clock.start,
+            "breakdown": breakdown,
+            "threads": sorted({n["threads"] for n in notes.values()}),
+            "peak_rss_mb": memory.peak_rss / 2**20, "pss_mb": memory.peak_pss / 2**20,
+            "by_role": {r: {k: v / 2**20 for k, v in m.items()} | {"count": memory.max_count[r]}
+                        for r, m in memory.peak_by_role.items()},
+            "ray_processes_seen": sorted(memory.names)}
+
+
+def task_timeline(dashboard_url: str, trial_start: float, first_epoch: float) -> list[list]:
+    """The actors Ray created for a trial before its first epoch, from Ray's task events: when
+    each was asked for, how long it waited for a worker process, and how long its __init__
+    took; then the worker-group set-up tasks. Times in s after the trial's start."""
+    from ray.util.state import list_tasks
+
+    time.sleep(2.0)   # task events reach the GCS about once a second
+    rows = []
+    keep = ("RayTrainWorker.init_train_context", "execute._setup_torch_process_group", "RayTrainWorker.run_train_fn")
+    for t in list_tasks(address=dashboard_url, detail=True, limit=10000, raise_on_missing_output=False):
+        created, started, ended = (getattr(t, k) for k in ("creation_time_ms", "start_time_ms", "end_time_ms"))
+        if not created or not started:
+            continue
+        created, started = created / 1000 - trial_start, started / 1000 - trial_start
+        ended = ended / 1000 - trial_start if ended else None
+        if created < -1.0 or created > first_epoch - trial_start:
+            continue
+        kind = str(t.type)
+        if "ACTOR_CREATION" in kind:
+            rows.append([t.name.split(":")[-1], created, started - created, (ended - started) if ended else None])
+        elif t.name in keep:
+            rows.append([t.name, created, started - created, (ended - started) if ended else None])
+    return sorted(rows, key=lambda r: (r[1], r[0]))
+
+
+def ray_variants(args: argparse.Namespace, report_line) -> dict[str, dict]:
+    cpus = max(3, os.cpu_count() or 1)   # a 2-worker trial holds 2 x 1 CPU + 0.25 for its trial actor
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as work:
+        t = time.monotonic()
+        with ray_cluster(num_cpus=cpus) as cluster:
+            report_line(f"local Ray cluster up in {time.monotonic() - t:.1f} s ({cpus} logical CPUs)")
+            for label, n, train in (("c", 1, False), ("c1", 1, True), ("d", 2, False)):
+                if args.mode == "smoke" and label == "c1":
+                    continue
+                out[label] = ray_trial(args, cluster, label, n, train, Path(work))
+                report_line(f"({label}) done: start-up {out[label]['startup_s']:.1f} s")
+        if args.preload_torch:
+            with ray_cluster(num_cpus=cpus, env={"RAY_preload_python_modules": "torch"}) as cluster:
+                time.sleep(5)   # let the pre-started idle workers finish importing torch
+                out["d_preload"] = ray_trial(args, cluster, "d_preload", 2, False, Path(work))
+                report_line(f"(d_preload) done: start-up {out['d_preload']['startup_s']:.1f} s")
+    return out
+
+
+# ----------------------------------------------------------------------------- the report
+
+LABELS = {"a": "(a) plain PyTorch loop, bare process",
+          "a0": "(a0) plain loop without DataLoader (tensor slicing)",
+          "b": "(b) training.loop.fit, bare process",
+          "c": "(c) schedtune 1-worker trial (fit in the Tune trial process)",
+          "c1": "(c1) 1-worker Ray Train TorchTrainer in a Tune trial",
+          "d": "(d) schedtune 2-worker trial (TorchTrainer, DDP/gloo)",
+          "d_preload": "(d) with torch pre-imported by idle Ray workers",
+          "e": "(e) 2 local processes, DDP/gloo via torch.multiprocessing, no Ray"}
+
+
+def merge(vs: list[dict]) -> dict:
+    """Repeated bare runs as one: every run's timed epochs, the median start-up, the peak memory."""
+    out = dict(vs[0])
+    out["samples_per_s"] = vs[0]["samples_per_s"][:1] + [x for v in vs for x in v["samples_per_s"][1:]]
+    out["period_s"] = [x for v in vs for x in v["period_s"]]
+    starts = [v["startup_s"] for v in vs if v.get("startup_s") is not None]
+    out["startup_s"] = median(starts) if starts else None
+    out["peak_rss_mb"], out["pss_mb"] = max(v["peak_rss_mb"] for v in vs), max(v["pss_mb"] for v in vs)
+    return out
+
+
+def steady(v: dict, key: str = "samples_per_s") -> float:
+    """Median over the epochs after the warm-up epoch."""
+    xs = v.get(key) or []
+    rest = xs[1:] if key == "samples_per_s" else xs
+    return median(rest or xs)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], configure)
+    if args.child:
+        print(json.dumps(child(args.child, json.loads(args.child_config))))
+        return
+    rep = Report(NAME, args, "Framework overhead: plain PyTorch vs fit vs Tune/Train trials")
+    cfg = train_config(args, 1)
+    rep.note(f"Workload: synthetic data, {cfg['data']['num_samples']} samples (80% train), MLP "
+             f"{cfg['model']['hidden']}, global batch {args.batch}, SGD; 1 warm-up epoch + {cfg['epochs'] - 1} "
+             f"timed epochs; one compute thread per process.")
+    runs: dict[str, dict] = {}
+    kinds = ["plain", "fit"] + (["ddp"] if args.mode != "smoke" else [])
+    rounds = args.rounds or pick(args, 3, 1, 1)
+    repeats: dict[str, list[dict]] = {}
+    for r in range(rounds):   # a b e, e b a, ...: drift on a busy machine hits every variant alike
+        for kind in (kinds if r % 2 == 0 else kinds[::-1]):
+            for k, v in bare(args, kind).items():
+                repeats.setdefault(k, []).append(v)
+                print(f"({k}) round {r + 1}: {steady(v):.0f} samples/s", flush=True)
+    runs.update({k: merge(vs) for k, vs in repeats.items()})
+    imports = import_costs() if args.mode != "smoke" else {}
+    if not args.skip_ray:
+        runs.update(ray_variants(args, lambda s: print(s, flush=True)))
+
+    runs = {k: runs[k] for k in LABELS if k in runs}
+    a = steady(runs["a"])
+    rows = []
+    for k, v in runs.items():
+        sps = steady(v)
+        rows.append([LABELS[k], sps, sps / a, steady(v, "period_s"), v.get("startup_s"),
+                     v["peak_rss_mb"] / 1024, v["pss_mb"] / 1024, ",".join(str(t) for t in
+                                                                   (v["threads"] if isinstance(v["threads"], list) else [v["threads"]]))])
+    rep.section("Throughput, start-up, memory")
+    rep.table(["variant", "samples/s", "x (a)", "epoch period s", "start-up s", "peak RSS GB", "peak PSS GB", "threads"],
+              rows, "samples/s: training pass, median of the timed epochs (bare variants: of all rounds). epoch period: wall time between "
+                    "consecutive epoch ends (train + eval + checkpoint + report). start-up: process start "
+                    "(bare) or trial start (Ray) to the first epoch. Memory: bare = the process's peak RSS and "
+                    "final PSS; Ray = peak over the trial of the sum over its processes.")
+    for k in ("c", "c1", "d", "d_preload", "e"):
+        if k not in runs:
+            continue
+        v = runs[k]
+        rep.section(f"Start-up breakdown {LABELS[k]}")
+        start = "process start" if k == "e" else "trial start"
+        rep.table(["phase", "s"], list(v["breakdown"].items()) + [[f"total: {start} -> first epoch", v["startup_s"]]])
+        if k == "e":
+            continue
+        if v.get("tasks"):
+            rep.table(["actor (__init__) or task", "asked for at s", "waited for a process s", "ran s"], v["tasks"],
+                      f"Ray's task events of this trial up to its first epoch: {sum(t[0].endswith('__init__') for t in v['tasks'])} "
+                      "actors created, each a Python process; times from the trial's start.")
+        rep.table(["process", "count", "peak RSS GB", "peak PSS GB"],
+                  [[r, m["count"], m["rss"] / 1024, m["pss"] / 1024] for r, m in v["by_role"].items()])
+    if imports:
+        rep.section("Import costs (a fresh Python process)")
+        rep.table(["import", "s", "peak RSS MB"], [[m, v["s"], v["rss_mb"]] for m, v in imports.items()],
+                  "`json` is the bare interpreter. Every process of a trial that imports torch pays the torch row.")
+    values: dict[str, Any] = {f"{k}_samples_per_s": steady(v) for k, v in runs.items()}
+    values.update({f"ratio_{k}_a": steady(v) / a for k, v in runs.items() if k != "a"})
+    values.update({f"startup_{k}_s": v["startup_s"] for k, v in runs.items() if k[0] in "bcde"})
+    values.update({f"rss_{k}_gb": v["peak_rss_mb"] / 1024 for k, v in runs.items() if k[0] in "cde"})
+    values.update({f"pss_{k}_gb": v["pss_mb"] / 1024 for k, v in runs.items() if k[0] in "cde"})
+    if "c" in runs:
+        goals = {"goal_ratio_c_a": values["ratio_c_a"] >= GOAL_RATIO,
+                 "goal_startup_d": runs["d"]["startup_s"] <= GOAL_STARTUP_S,
+                 "goal_rss_d": runs["d"]["peak_rss_mb"] / 1024 <= GOAL_RSS_GB}
+        rep.section("Goals")
+        rep.table(["goal", "measured", "met"],
+                  [[f"c/a >= {GOAL_RATIO}", values["ratio_c_a"], goals["goal_ratio_c_a"]],
+                   [f"2-worker start-up <= {GOAL_STARTUP_S:g} s", runs["d"]["startup_s"], goals["goal_startup_d"]],
+                   [f"2-worker trial RSS <= {GOAL_RSS_GB:g} GB", runs["d"]["peak_rss_mb"] / 1024,
+                    goals["goal_rss_d"]]])
+        rep.note("Ray processes seen during (d): " + ", ".join(runs["d"]["ray_processes_seen"]))
+        values.update(goals)
+    rep.finish(values)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The cost of MLflow logging per epoch, against a local sqlite store and a local `mlflow server`.
+
+Part 1 (no Ray): tuning.tracking.MLflowTracker driven directly with the metrics one epoch of the
+quickstart reports (from a real fit() epoch): the time on_trial_result takes when it flushes
+every epoch (what a >= FLUSH_EVERY_S epoch sees: one log_batch per epoch), and the time of one
+flush of the epochs that pile up in FLUSH_EVERY_S when epochs are short (the quickstart's digits
+epoch). Both as a fraction of an epoch: the quickstart's measured epoch and a 10 s (GPU-sized)
+epoch.
+
+Part 2 (Ray): is that cost on the trial's critical path? The tracker runs in the Tune driver, but a
+function trainable's report() waits until the driver has processed the previous result
+(callbacks included) and asks for the next one. The same 1-worker quickstart trial (the shipped
+tuning.trial.trial_fn) is run without a tracker and with the tracker against each backend, flushing
+at the shipped cadence and at every epoch; the trial's epoch period (time between consecutive
+results reaching the driver) is compared.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterator
+
+from common import ROOT, Report, median, parse_args, pick, ray_cluster
+
+NAME = "tracking"
+GOAL_FRACTION = 0.01
+GPU_EPOCH_S = 10.0
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, help="logged epochs per measurement")
+    p.add_argument("--backends", nargs="+", choices=["sqlite", "server"], default=["sqlite", "server"])
+    p.add_argument("--skip-ray", action="store_true", help="part 1 only")
+
+
+def quickstart_spec(epochs: int):
+    """The shipped quickstart with 1-worker trials (fit runs in the trial process)."""
+    from tuning.space import load_spec
+
+    return load_spec(ROOT / "search_spaces" / "quickstart.yaml", {
+        "experiment.name": "bench-tracking", "experiment.num_samples": 1, "train.epochs": epochs,
+        "train.scaling.num_workers": 1, "train.scaling.cpus_per_worker": 1.0})
+
+
+def one_epoch_metrics(spec) -> tuple[dict[str, float], float]:
+    """The metrics dict fit reports for an epoch of the quickstart, and its epoch time (the
+    second epoch's: the first pays for warm-up)."""
+    import torch
+
+    from training.loop import fit
+
+    torch.set_num_threads(1)
+    hist = fit(spec.base.with_updates({"epochs": 3})).history
+    return dict(hist[-1]), median([h["epoch_time_s"] for h in hist[1:]])
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """A real `mlflow server` (sqlite backend, local artifacts) in its own process group."""
+    from tuning.cluster import free_ports
+
+    port = free_ports(1)[0]
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root}/server.db", "--serve-artifacts",
+                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("mlflow server did not answer /health within 180 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+# ----------------------------------------------------------------------------- part 1
+
+def tune_result(metrics: dict[str, float], epoch: int) -> dict[str, Any]:
+    """What Tune hands on_trial_result: the trial's metrics plus Tune's own keys."""
+    return {**metrics, "epoch": epoch, "training_iteration": epoch, "time_this_iter_s": metrics["epoch_time_s"],
+            "time_total_s": epoch * metrics["epoch_time_s"], "timestamp": int(time.time()), "pid": os.getpid(),
+            "done": False, "trial_id": "bench"}
+
+
+def direct(spec, uri: str, work: Path, metrics: dict[str, float], epochs: int, per_flush: int) -> dict[str, Any]:
+    """MLflowTracker without Tune: set-up, a trial's start, every-epoch flushes, batched flushes."""
+    import tuning.tracking as tracking
+
+    tracker = tracking.MLflowTracker(spec, uri, str(work / f"run-{abs(hash(uri))}"), str(work / "train"))
+    t = time.perf_counter()
+    tracker.setup()
+    setup_s = time.perf_counter() - t
+    trial = SimpleNamespace(trial_id="bench0001", config={}, path=str(work / "trial"), error_file=None)
+    t = time.perf_counter()
+    tracker.on_trial_start(0, [], trial)
+    start_s = time.perf_counter() - t
+    saved = tracking.FLUSH_EVERY_S
+    try:
+        tracking.FLUSH_EVERY_S = 0.0           # every epoch flushes: epochs >= FLUSH_EVERY_S
+        each = []
+        for e in range(1, epochs + 1):
+            t = time.perf_counter()
+            tracker.on_trial_result(0, [], trial, tune_result(metrics, e))
+            each.append(time.perf_counter() - t)
+        tracking.FLUSH_EVERY_S = math.inf      # short epochs: buffer per_flush of them, then one flush
+        buffered, flushes = [], []
+        e0 = epochs
+        for _ in range(max(3, epochs // per_flush)):
+            for e in range(e0 + 1, e0 + per_flush + 1):
+                t = time.perf_counter()
+                tracker.on_trial_result(0, [], trial, tune_result(metrics, e))
+                buffered.append(time.perf_counter() - t)
+            e0 += per_flush
+            t = time.perf_counter()
+            tracker.flush()
+            flushes.append(time.perf_counter() - t)
+    finally:
+        tracking.FLUSH_EVERY_S = saved
+    if tracker.lost or any(tracker._buffer.values()):
+        raise RuntimeError(f"metrics were not sent to {uri}")
+    each.sort()
+    return {"setup_s": setup_s, "trial_start_s": start_s, "epoch_ms": 1000 * median(each),
+            "epoch_p90_ms": 1000 * each[int(0.9 * (len(each) - 1))], "buffer_ms": 1000 * median(buffered),
+            "flush_ms": 1000 * median(flushes), "metrics_per_epoch": len(tracking.training_metrics(tune_result(metrics, 1)))}
+
+
+# ----------------------------------------------------------------------------- part 2
+
+def timed_trial(config: dict, spec, storage: str) -> None:
+    """tuning.trial.trial_fn, with tune.report timed in the trial: each result carries how long
+    the previous report() call blocked (``bench_report_ms``)."""
+    import ray.tune
+
+    from tuning.trial import trial_fn
+
+    real, last = ray.tune.report, [math.nan]
+
+    def report(metrics, *a, **kw):
+        t = time.perf_counter()
+        out = real({**metrics, "bench_report_ms": last[0]}, *a, **kw)
+        last[0] = 1000 * (time.perf_counter() - t)
+        return out
+
+    ray.tune.report = report
+    trial_fn(config, spec, storage)
+
+
+def trial_period(spec, work: Path, uri: str | None, flush_every_s: float, label: str) -> dict[str, float]:
+    """One shipped 1-worker trial, with or without the tracker: the epoch period (between
+    results at the driver), how long the trial's report() blocked, and the driver's time in
+    the tracker's on_trial_result (medians over the epochs after the first, ms)."""
+    from ray import tune
+
+    import tuning.tracking as tracking
+
+    arrivals: list[float] = []
+    in_tracker: list[float] = []
+
+    class Clock(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            arrivals.append(time.time())
+            Clock.results.append(result)
+
+    Clock.results = []
+
+    class TimedTracker(tracking.MLflowTracker):
+        def on_trial_result(self, *a, **kw):
+            t = time.perf_counter()
+            super().on_trial_result(*a, **kw)
+            in_tracker.append(1000 * (time.perf_counter() - t))
+
+    callbacks: list = [Clock()]
+    if uri is not None:
+        callbacks.append(TimedTracker(spec, uri, str(work / f"run-{label}"), str(work / "train")))
+    saved = tracking.FLUSH_EVERY_S
+    tracking.FLUSH_EVERY_S = flush_every_s
+    try:
+        grid = tune.Tuner(tune.with_resources(tune.with_parameters(timed_trial, spec=spec, storage=str(work / "train")),
+                                              {"cpu": 1}),
+                          tune_config=tune.TuneConfig(num_samples=1),
+                          run_config=tune.RunConfig(name=label, storage_path=str(work / "tune"),
+                                                    callbacks=callbacks, verbose=0)).fit()
+    finally:
+        tracking.FLUSH_EVERY_S = saved
+    if grid.errors:
+        raise RuntimeError(f"trial {label} failed: {grid.errors[0]}")
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])][1:]   # the first gap includes warm-up
+    waits = [r["bench_report_ms"] for r in Clock.results[2:] if math.isfinite(r.get("bench_report_ms", math.nan))]
+    return {"period_ms": 1000 * median(gaps), "report_ms": median(waits),
+            "tracker_ms": median(in_tracker[1:]) if in_tracker else 0.0,
+            "tracker_max_ms": max(in_tracker[1:], default=0.0),
+            "tracker_total_ms": sum(in_tracker[1:]), "epochs": len(arrivals)}
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0], configure)
+    rep = Report(NAME, args, "MLflow logging cost per epoch")
+    epochs = args.epochs or pick(args, 200, 40, 4)
+    spec = quickstart_spec(pick(args, 60, 30, 3))
+    import tuning.tracking as tracking
+
+    metrics, epoch_s = one_epoch_metrics(spec)
+    per_flush = max(1, round(tracking.FLUSH_EVERY_S / epoch_s))
+    rep.note(f"The quickstart's epoch (digits, MLP [128], batch 32, one thread): {1000 * epoch_s:.0f} ms; at "
+             f"FLUSH_EVERY_S = {tracking.FLUSH_EVERY_S:g} s a flush carries {per_flush} such epochs. "
+             f"{epochs} epochs logged per measurement.")
+    direct_rows, values, periods = [], {}, {}
+    with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
+        work = Path(tmp)
+        server = mlflow_server(work) if "server" in args.backends else contextlib.nullcontext()
+        with server as server_uri:
+            uris = {}
+            if "sqlite" in args.backends:
+                uris["sqlite"] = f"sqlite:///{work}/direct.db"
+            if server_uri:
+                uris["server"] = server_uri
+            for name, uri in uris.items():
+                d = direct(spec, uri, work, metrics, epochs, per_flush)
+                per_epoch_short = d["buffer_ms"] + d["flush_ms"] / per_flush
+                direct_rows.append([name, d["metrics_per_epoch"], d["setup_s"], d["trial_start_s"], d["epoch_ms"],
+                                    d["epoch_p90_ms"], d["flush_ms"], per_epoch_short,
+                                    per_epoch_short / (1000 * epoch_s), d["epoch_ms"] / (1000 * GPU_EPOCH_S)])
+                values.update({f"{name}_epoch_ms": d["epoch_ms"], f"{name}_flush_ms": d["flush_ms"],
+                               f"{name}_fraction_quickstart": per_epoch_short / (1000 * epoch_s),
+                               f"{name}_fraction_10s": d["epoch_ms"] / (1000 * GPU_EPOCH_S)})
+                print(f"{name}: {d['epoch_ms']:.1f} ms per epoch flushed alone, {d['flush_ms']:.1f} ms per "
+                      f"{per_flush}-epoch flush", flush=True)
+            if not args.skip_ray:
+                trial_spec = quickstart_spec(pick(args, 60, 30, 3))
+                with ray_cluster(num_cpus=2):
+                    if args.mode != "smoke":
+                        trial_period(trial_spec, work, None, tracking.FLUSH_EVERY_S, "warm-up")   # not counted
+                    variants = [("no tracker", None, tracking.FLUSH_EVERY_S)]
+                    for name, uri in uris.items():
+                        variants += [(f"{name}, flush every {tracking.FLUSH_EVERY_S:g} s", uri, tracking.FLUSH_EVERY_S),
+                                     (f"{name}, flush every epoch", uri, 0.0)]
+                    rounds = pick(args, 2, 1, 1)
+                    for r in range(rounds):   # A B C .. then .. C B A: drift on a busy machine averages out
+                        for label, uri, every in (variants if r % 2 == 0 else variants[::-1]):
+                            p = trial_period(trial_spec, work, uri, every, f"{label}-{r}".replace(" ", "_").replace(",", ""))
+                            periods.setdefault(label, []).append(p)
+                            print(f"trial with {label}: {p['period_ms']:.1f} ms per epoch, report() blocked "
+                                  f"{p['report_ms']:.1f} ms, tracker {p['tracker_ms']:.1f} ms", flush=True)
+    rep.section("Logging one trial's epochs, no Ray (MLflowTracker against each backend)")
+    rep.table(["backend", "metrics/epoch", "set-up s", "trial start s", "one epoch flushed alone ms", "p90 ms",
+               f"flush of {per_flush} epochs ms", "per short epoch ms", f"x quickstart epoch ({1000 * epoch_s:.0f} ms)",
+               f"x {GPU_EPOCH_S:g} s epoch"], direct_rows,
+              "set-up: experiment + parent run (once per experiment); trial start: child run + params (once per "
+              "trial); per short epoch: buffering + the flush's share.")
+    if periods:
+        mean = {k: {f: sum(p[f] for p in ps) / len(ps) for f in ps[0]} for k, ps in periods.items()}
+        base = mean["no tracker"]
+        rep.section("On the trial's critical path? (Tune trial of the quickstart, the shipped trial_fn)",
+                    "The tracker runs in the Tune driver, but a function trainable's report() returns only when the "
+                    "driver asks for the next result, after it has run every callback on this one. So the driver's "
+                    "time in the tracker shows up as time the trial's report() blocks.")
+        rep.table(["tracker", "epoch period ms", "report() blocked ms", "driver in tracker ms (median)",
+                   "max ms", "tracker / epoch period"],
+                  [[k, v["period_ms"], v["report_ms"], v["tracker_ms"], v["tracker_max_ms"],
+                    v["tracker_total_ms"] / max(v["epochs"] - 2, 1) / v["period_ms"]] for k, v in mean.items()],
+                  f"Medians over a trial's epochs after the first; {len(periods['no tracker'])} trial(s) per row "
+                  "(means). tracker / epoch period: the tracker's mean time per result over the median epoch period.")
+        for k, v in mean.items():
+            if k != "no tracker":
+                key = k.replace(", flush every epoch", "_every_epoch").replace(", flush every ", "_every_")
+                key = key.replace(" s", "s").replace(".", "_")
+                values[f"trial_report_extra_ms_{key}"] = v["report_ms"] - base["report_ms"]
+                values[f"trial_tracker_ms_{key}"] = v["tracker_ms"]
+        values["trial_period_ms"] = base["period_ms"]
+    worst = max((v for k, v in values.items() if k.endswith("_fraction_quickstart") or k.endswith("_fraction_10s")),
+                default=math.nan)
+    values["goal_fraction"] = worst < GOAL_FRACTION
+    rep.section("Goal")
+    rep.table(["goal", "worst measured fraction", "met"], [[f"logging < {GOAL_FRACTION:.0%} of an epoch", worst,
+                                                            values["goal_fraction"]]])
+    rep.finish({"quickstart_epoch_ms": 1000 * epoch_s, "epochs_per_flush": per_flush, **values})
+
+
+if __name__ == "__main__":
+    main()
