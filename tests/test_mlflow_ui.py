@@ -1,55 +1,130 @@
-"""The MLflow UI, in headless Chromium, shows each trial's run nested under its experiment run."""
+"""Browser test: the MLflow UI shows an experiment's trial runs nested under its parent run.
+
+Headless Chromium (Debian's ``chromium`` package; ``.ci/run`` installs it) driven by Playwright
+for Python opens the runs page of the session's real ``mlflow server`` after the 4-trial ASHA
+experiment of ``conftest.experiment`` and checks what a person would see there.
+
+MLflow 3.17 UI notes (what the test relies on):
+  * ``#/experiments/<id>`` redirects to the GenAI "Overview" page (``overview/usage``: the UI's
+    default workflow is GenAI). The runs table lives at ``#/experiments/<id>/runs``;
+    ``?workflowType=machine_learning`` selects the "Model training" side bar for it (the choice
+    is otherwise kept in the browser's localStorage, empty in a fresh profile).
+  * The runs table is an AG Grid with ARIA roles: ``role=row`` rows carrying ``aria-rowindex``
+    (their order in the grid), ``role=gridcell`` cells; the run name is a link to
+    ``#/experiments/<id>/runs/<run_id>``. The grid is flat (every row has
+    ``ag-row-level-0``): MLflow draws the nesting itself. A parent row's name cell has an
+    icon-only expander button (a "+" box, no aria-label); children are collapsed by default,
+    i.e. not rendered at all, and appear right after the parent when it is expanded, with their
+    name cell indented (a wider spacer in place of the expander) and no expander of their own.
+"""
 from __future__ import annotations
 
 import shutil
 
 import pytest
 
-from tests.conftest import NUM_SAMPLES
-
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# The flags a sandboxed machine without a network needs (no sandbox as root, no background calls).
-ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+# Skipped at import time, so a machine without a browser does not run the 2-minute experiment.
+sync_api = pytest.importorskip("playwright.sync_api", reason="the `playwright` pip package is not installed")
+CHROMIUM = shutil.which("chromium") or shutil.which("/usr/bin/chromium")
+if CHROMIUM is None:
+    pytest.skip("no `chromium` executable (Debian package `chromium`; .ci/run installs it)",
+                allow_module_level=True)
+
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LOAD_TIMEOUT_MS = 45_000     # first load of the UI bundle on a busy 2-core CI machine
+STEP_TIMEOUT_MS = 15_000
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_trial_runs_are_nested_under_the_experiment_run(experiment, mlflow_server, tmp_path):
-    """Nesting, as a person sees it: on the experiment's runs page the trials are hidden until the
-    parent run's expander is clicked; then every trial's run appears in the rows right after the
-    parent's, indented under it."""
-    import mlflow
+def _row_of(page, link):
+    """The grid row (``role=row``) holding a run-name link (the pinned Run Name column's row)."""
+    return page.get_by_role("row").filter(has=link)
 
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    spec, result, _ = experiment
-    parent = mlflow.MlflowClient(mlflow_server.uri).get_run(result.parent_run_id)
-    trials = [r.trial_id for r in result.rows]
-    assert len(trials) == NUM_SAMPLES
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+def _run_link(page, run_id: str):
+    return page.locator(f'a[href$="/runs/{run_id}"]')
+
+
+def assert_trials_nested_in_ui(page, uri: str, experiment_id: str, parent_run_id: str,
+                               trials: dict[str, str], screenshot_dir) -> None:
+    """Open the experiment's runs table and check that the trials ({trial_id: run_id}) are shown
+    as children of the parent run:
+
+    1. collapsed (the default): the parent row is there, with an expander, and none of the trial
+       runs is rendered anywhere on the page, although they belong to the same experiment;
+    2. after clicking the parent's expander: every trial appears, as a link with exactly its
+       trial id as text pointing at its own MLflow run, in a row that comes right after the
+       parent's row (the trial rows form the contiguous block of ``aria-rowindex`` values after
+       the parent's, so no other run sits between parent and children), whose name is indented
+       further right than the parent's, and which has no expander of its own;
+    3. clicking the expander again hides every trial run again.
+
+    Together: the trials are shown only through, and directly below, that one parent run, indented
+    one level, which is how the UI displays ``mlflow.parentRunId`` nesting (a run that were not
+    a child of this parent would be listed at top level whether the parent is expanded or not).
+    """
+    expect = sync_api.expect
+    page.goto(f"{uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+    try:
+        parent_link = _run_link(page, parent_run_id)
+        expect(parent_link).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+        assert parent_link.inner_text().startswith("it-asha-")
+        parent_row = _row_of(page, parent_link)
+        expect(parent_row).to_have_count(1)
+        # the Run Name cell holds the colour pill, the link and (for parents) the expander button
+        expander = page.get_by_role("gridcell").filter(has=parent_link).get_by_role("button")
+        expect(expander).to_have_count(1)
+
+        # 1. collapsed: no trial run rendered
+        for trial_id, run_id in trials.items():
+            expect(_run_link(page, run_id)).to_have_count(0, timeout=STEP_TIMEOUT_MS)
+            expect(page.get_by_role("link", name=trial_id, exact=True)).to_have_count(0)
+        page.screenshot(path=str(screenshot_dir / "runs-collapsed.png"))
+
+        # 2. expanded: each trial in the rows right after the parent, indented, without an expander
+        expander.click()
+        child_rows = {}
+        for trial_id, run_id in trials.items():
+            link = page.get_by_role("link", name=trial_id, exact=True)
+            expect(link).to_be_visible(timeout=STEP_TIMEOUT_MS)
+            assert link.get_attribute("href").endswith(f"/runs/{run_id}"), (trial_id, run_id)
+            row = _row_of(page, link)
+            expect(row).to_have_count(1)
+            expect(page.get_by_role("gridcell").filter(has=link).get_by_role("button")).to_have_count(0)
+            child_rows[trial_id] = (int(row.get_attribute("aria-rowindex")), link.bounding_box()["x"])
+        page.screenshot(path=str(screenshot_dir / "runs-expanded.png"))
+
+        parent_index = int(parent_row.get_attribute("aria-rowindex"))
+        parent_x = parent_link.bounding_box()["x"]
+        indices = sorted(index for index, _ in child_rows.values())
+        assert indices == list(range(parent_index + 1, parent_index + 1 + len(trials))), (parent_index, child_rows)
+        xs = {x for _, x in child_rows.values()}
+        assert len(xs) == 1 and xs.pop() > parent_x, (parent_x, child_rows)   # one level, right of the parent
+
+        # 3. collapsed again: the trials go away with the parent's expander
+        expander.click()
+        for trial_id in trials:
+            expect(page.get_by_role("link", name=trial_id, exact=True)).to_have_count(0, timeout=STEP_TIMEOUT_MS)
+        expect(parent_link).to_be_visible()
+    except Exception:
+        page.screenshot(path=str(screenshot_dir / "runs-failure.png"), full_page=True)
+        raise
+
+
+def test_trial_runs_are_nested_under_the_parent_run_in_the_ui(experiment, mlflow_server, tmp_path):
+    _, result, _ = experiment
+    trials = {row.trial_id: row.run_id for row in result.rows}
+    assert len(trials) == len(result.rows) and all(trials.values()), trials
+    assert result.experiment_id and result.parent_run_id
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.goto(f"{mlflow_server.uri}/#/experiments/{parent.info.experiment_id}/runs", timeout=60_000)
-            parent_link = page.get_by_role("link", name=parent.info.run_name, exact=True)
-            parent_link.wait_for(timeout=60_000)
-            assert all(page.get_by_role("link", name=t, exact=True).count() == 0 for t in trials)
-
-            parent_cell = page.locator("[role=gridcell]", has=parent_link).first
-            parent_cell.locator("button").first.click()      # the expander in the run-name cell
-            for t in trials:
-                page.get_by_role("link", name=t, exact=True).wait_for(timeout=30_000)
-            page.screenshot(path=str(tmp_path / "runs.png"))
-
-            def row_index(name: str) -> int:
-                link = page.get_by_role("link", name=name, exact=True)
-                return int(page.locator("[role=row]", has=link).first.get_attribute("row-index"))
-
-            top = row_index(parent.info.run_name)
-            assert sorted(row_index(t) for t in trials) == list(range(top + 1, top + 1 + NUM_SAMPLES))
-            indent = page.get_by_role("link", name=parent.info.run_name, exact=True).bounding_box()["x"]
-            assert all(page.get_by_role("link", name=t, exact=True).bounding_box()["x"] > indent for t in trials)
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            assert_trials_nested_in_ui(page, mlflow_server.uri, result.experiment_id, result.parent_run_id,
+                                       trials, tmp_path)
         finally:
             browser.close()
