@@ -70,6 +70,16 @@ def test_backbone_gets_a_tenth_of_the_head_lr_when_finetuning(pretrained_file):
     assert len({g["lr"] for g in run.optimizer.param_groups}) == 1     # full: one LR everywhere
 
 
+def load_registered(model_uri: str, tracking_uri: str) -> dict:
+    """The state_dict of a registered model, read with MLflow's own loader against ``tracking_uri``
+    (explicitly: tuning.register.register sets the process-wide URI, so neither it nor the env can be trusted)."""
+    import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri):
+        return mlflow.pytorch.load_model(model_uri).state_dict()
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A sqlite MLflow where experiment digits-base trained an MLP on digits and registered it: (uri, run id)."""
@@ -97,7 +107,7 @@ def test_finetune_a_model_registered_by_an_earlier_experiment(registry, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     weights = mlflow.MlflowClient(uri).get_run(run_id).data.tags["schedtune.model_weights"]
     assert weights in ("raw", "ema")
-    registered = mlflow.pytorch.load_model("models:/digits-base/1").state_dict()
+    registered = load_registered("models:/digits-base/1", uri)
 
     storage = str(tmp_path / "results")
     ft = finetune_cfg("mlflow:models:/digits-base/1", "finetune_last_n", 2)
@@ -157,9 +167,7 @@ def test_tune_finetunes_the_model_an_earlier_experiment_registered(experiment, m
                             out=lambda line: None)
     assert sorted(r.status for r in result.rows) == ["completed", "completed"], [r.error for r in result.rows]
     assert len(list(storage.glob("it-transfer/*/train/pretrained/pretrained-*.pt"))) == 1   # one download
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-        registered = mlflow.pytorch.load_model(f"models:/it-asha/{earlier.model_version}").state_dict()
+    registered = load_registered(f"models:/it-asha/{earlier.model_version}", mlflow_server.uri)
     client = mlflow.MlflowClient(mlflow_server.uri)
     for row in result.rows:
         local = client.download_artifacts(row.run_id, "checkpoints/best", str(tmp_path / row.trial_id))
