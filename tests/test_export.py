@@ -147,21 +147,3 @@ def test_export_the_best_model_of_a_real_tune_experiment(experiment, mlflow_serv
     side = json.loads((tmp_path / "model.json").read_text())
     assert side["source"]["run_id"] == result.best.run_id and side["check"]["passed"]
 
-
-def test_readme_after_training_commands_parse():
-    """The command lines of README's "After training" section are valid for the parser."""
-    import re
-    import shlex
-
-    from tests.conftest import ROOT
-    from tuning.cli import build_parser
-
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("### After training"):text.index("Layout: ")]
-    lines = [line.split("#")[0] for line in re.findall(r"^schedtune .*$", block, flags=re.M)]
-    assert len(lines) == 4
-    parser = build_parser()
-    for line in lines:
-        args = parser.parse_args(shlex.split(line.replace("RUN_ID", "0123abcd").replace("DIR", "/tmp/x"))[1:])
-        assert args.command in ("ensemble", "export", "tune"), line
-        assert args.command == "tune" or callable(args.handler)

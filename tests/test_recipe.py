@@ -221,20 +221,3 @@ def test_recipe_end_to_end_on_digits(ray_cluster, tmp_path, one_thread):
     versions = client.search_model_versions("name = 'it-recipe'")     # the recommendation only, not the coarse best
     assert [v.run_id for v in versions] == [refine.data["best_run_id"]]
 
-
-def test_readme_recipe_commands_parse():
-    """The command lines of README's "The recipe" section are valid for the parser."""
-    import re
-    import shlex
-
-    from tuning.cli import build_parser
-
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("### The recipe"):text.index("### What a trial is")]
-    lines = [line.split("#")[0] for line in re.findall(r"^schedtune .*$", block, flags=re.M)]
-    assert len(lines) == 4
-    parser = build_parser()
-    for line in lines:
-        argv = shlex.split(line.replace("FILE", str(QUICK)).replace("NAME", "x").replace("DIR", "/tmp/x"))[1:]
-        args = parser.parse_args(argv)
-        assert callable(args.handler), line

@@ -58,10 +58,15 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="override any dotted key of the file, e.g. --set train.optim.base_lr=0.05 (repeatable)")
 
 
+def add_tracking_uri_arg(p: argparse.ArgumentParser) -> None:
+    """``--tracking-uri``, as every command that reads or writes MLflow takes it."""
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+
 def add_tracking_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help="results directory or URI (default ./schedtune_results; "
                                      "shared storage such as s3://bucket/path on a cluster)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_tracking_uri_arg(p)
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("runs", help="list an experiment's trials from MLflow")
     r.add_argument("name", metavar="NAME", help="experiment name")
-    r.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_tracking_uri_arg(r)
 
     s = sub.add_parser("submit", help="submit an experiment as a Ray job to a cluster",
                        description="Submit `schedtune tune FILE` as a Ray job (token auth: RAY_AUTH_MODE=token "

@@ -163,6 +163,8 @@ def cmd_ensemble(args: argparse.Namespace, out: Callable[[str], None] = print) -
 
 
 def register(subparsers) -> None:
+    from tuning.cli import add_tracking_uri_arg
+
     p = subparsers.add_parser(
         "ensemble", help="evaluate the ensemble of an experiment's top-K trials (mean of probabilities)",
         description="Load the best checkpoints of the top-K trials from MLflow, average their predicted "
@@ -170,7 +172,7 @@ def register(subparsers) -> None:
                     "ensemble's, and log the ensemble as an MLflow run.")
     p.add_argument("name", metavar="NAME", help="experiment name")
     p.add_argument("--top-k", type=_positive_int, default=3, help="how many of the best trials (default 3)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_tracking_uri_arg(p)
     p.add_argument("--batch-size", type=_positive_int, default=512, help="evaluation batch size")
     p.add_argument("--no-log", action="store_true", help="print only; log no MLflow run")
     p.set_defaults(handler=cmd_ensemble)

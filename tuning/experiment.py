@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -290,7 +290,7 @@ def _callbacks(tuner) -> list:
 
 
 def _rows(spec: ExperimentSpec, grid, tracker) -> list[TrialRow]:
-    from tuning.tracking import end_state, training_metrics
+    from tuning.tracking import end_state
 
     o = spec.options
     rows = []

@@ -266,6 +266,8 @@ def cmd_export(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
 
 
 def register(subparsers) -> None:
+    from tuning.cli import add_tracking_uri_arg
+
     p = subparsers.add_parser(
         "export", help="export the best model (or a run's) as TorchScript or ONNX, checked against PyTorch",
         description="Write an experiment's best model (or a trial run's) with its preprocessing and class names, "
@@ -275,7 +277,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", choices=FORMATS, default="torchscript", help="default torchscript")
     p.add_argument("--quantize", choices=["int8"], help="dynamic int8 quantization of the Linear layers")
     p.add_argument("--out", metavar="DIR", help="output directory (default ./schedtune_export/TARGET)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_tracking_uri_arg(p)
     p.add_argument("--check-samples", type=_positive_int, default=512,
                    help="validation inputs the fp32 check runs (default 512)")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,

@@ -193,12 +193,14 @@ def lr_sweep_figure(lrs: Sequence[float], curves: Sequence[Sequence[Optional[flo
 # ----------------------------------------------------------------------------- `schedtune report`
 
 def register(sub) -> None:
+    from tuning.cli import add_tracking_uri_arg
+
     p = sub.add_parser("report", help="plots and learning-curve diagnosis of an experiment's latest run",
                        description="Read an experiment's latest run back from MLflow: write the per-trial and "
                                    "experiment plots as PNGs and print each trial's diagnosis.")
     p.add_argument("name", metavar="NAME", help="experiment name")
     p.add_argument("--out", help="directory for the PNGs (default ./schedtune_report/NAME)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_tracking_uri_arg(p)
     p.set_defaults(handler=cmd_report)
 
 
