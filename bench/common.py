@@ -187,13 +187,11 @@ class Report:
     _t0: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        command = "python bench/" + self.name + ".py" + "".join(
-            f" {a}" for a in sys.argv[1:] if not a.startswith("--out") and not _is_out_value(a))
         head = [f"# {self.title or self.name} ({self.args.mode} mode)", "",
                 f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
                 f"- machine: {machine()}",
                 f"- load at start: `{load_line()}`",
-                f"- command: `{command}`"]
+                f"- command: `{command(self.name)}`"]
         self._emit("\n".join(head))
 
     def _emit(self, text: str) -> None:
@@ -230,9 +228,18 @@ def cpu_seconds() -> float:
                for f in ("ru_utime", "ru_stime"))
 
 
-def _is_out_value(arg: str) -> bool:
-    i = sys.argv.index(arg)
-    return i > 0 and sys.argv[i - 1] == "--out"
+def command(name: str) -> str:
+    """The command line that reproduces this run (without --out, which only says where to write)."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        argv.append(a)
+    return shlex.join(["python", f"bench/{name}.py", *argv])
 
 
 # ----------------------------------------------------------------------------- processes

@@ -24,7 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import time
-from typing import Any, Optional
+from typing import Any
 
 from common import Report, mean_std, parse_args, pick
 
