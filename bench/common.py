@@ -141,6 +141,11 @@ def median(values: Sequence[float]) -> float:
     return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
+def diffs(xs: Sequence[float]) -> list[float]:
+    """Successive differences: per-epoch amounts from cumulative readings."""
+    return [b - a for a, b in zip(xs, xs[1:])]
+
+
 def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     """A GitHub markdown table; cells through ``fmt``."""
     cells = [[fmt(c) for c in r] for r in rows]
@@ -281,11 +286,17 @@ def ray_cluster(num_cpus: int, connect: bool = True, env: Optional[dict[str, str
         cluster.stop()
 
 
-class TreeMemory(threading.Thread):
-    """Samples, every ``interval_s``, the RSS and PSS of the descendants of ``root_pid`` whose
-    command line starts with one of ``roles`` (e.g. "ray::ImplicitFunc"), and keeps the peak of
-    their sum and of each role's sum. PSS splits shared pages (the torch libraries every process
-    maps) between the processes that share them, so summing PSS does not count them twice."""
+class TreeSampler(threading.Thread):
+    """Samples, every ``interval_s``, the descendants of ``root_pid`` (a Ray cluster's processes):
+
+    - memory: the RSS and PSS of those whose command line starts with one of ``roles`` (e.g.
+      "ray::ImplicitFunc"); keeps the peak of their sum and of each role's sum. PSS splits shared
+      pages (the torch libraries every process maps) between the processes sharing them, so summed
+      PSS does not count them twice;
+    - CPU: the cumulative CPU seconds of the others (the cluster's own processes: raylet, GCS,
+      dashboard, agents) plus this process (the Tune driver), as (wall clock, seconds) samples:
+      ``background_cores(t0, t1)`` is how many cores they used between two moments.
+    """
 
     def __init__(self, root_pid: int, roles: Sequence[str], interval_s: float = 0.3):
         super().__init__(daemon=True)
@@ -294,22 +305,23 @@ class TreeMemory(threading.Thread):
         self.peak_by_role: dict[str, dict[str, int]] = {}
         self.max_count: dict[str, int] = {}
         self.names: set[str] = set()       # every ray:: command line seen (to check the roles)
+        self.background: list[tuple[float, float]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         psutil = psutil_module()
-
         try:
-            root = psutil.Process(self.root_pid)
+            root, me = psutil.Process(self.root_pid), psutil.Process()
         except psutil.NoSuchProcess:
             return
         while not self._stop_event.is_set():
-            rss = pss = 0
-            by_role: dict[str, list[int]] = {}
             try:
                 children = root.children(recursive=True)
             except psutil.NoSuchProcess:
                 return
+            rss = pss = 0
+            cpu = sum(me.cpu_times()[:2]) + sum(root.cpu_times()[:2])
+            by_role: dict[str, list[int]] = {}
             for p in children:
                 try:
                     cmd = " ".join(p.cmdline())
@@ -317,6 +329,8 @@ class TreeMemory(threading.Thread):
                         self.names.add(cmd.split(" ")[0])
                     role = next((r for r in self.roles if cmd.startswith(r)), None)
                     if role is None:
+                        if not cmd.startswith("ray::IDLE"):
+                            cpu += sum(p.cpu_times()[:2])
                         continue
                     mem = p.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -324,6 +338,7 @@ class TreeMemory(threading.Thread):
                 rss, pss = rss + mem.rss, pss + getattr(mem, "pss", mem.rss)
                 r = by_role.setdefault(role, [0, 0, 0])
                 r[0], r[1], r[2] = r[0] + mem.rss, r[1] + getattr(mem, "pss", mem.rss), r[2] + 1
+            self.background.append((time.time(), cpu))
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             for role, (r_rss, r_pss, n) in by_role.items():
                 peak = self.peak_by_role.setdefault(role, {"rss": 0, "pss": 0})
@@ -331,10 +346,19 @@ class TreeMemory(threading.Thread):
                 self.max_count[role] = max(self.max_count.get(role, 0), n)
             self._stop_event.wait(self.interval_s)
 
-    def stop(self) -> "TreeMemory":
+    def stop(self) -> "TreeSampler":
         self._stop_event.set()
         self.join(timeout=10)
         return self
+
+    def background_cores(self, t0: float, t1: float) -> Optional[float]:
+        """Cores used by the cluster's own processes and the driver between wall-clock t0 and t1
+        (the samples nearest inside the window); None if the window holds fewer than 2 samples."""
+        inside = [(t, c) for t, c in self.background if t0 <= t <= t1]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        (ta, ca), (tb, cb) = inside[0], inside[-1]
+        return max(0.0, cb - ca) / (tb - ta)
 
 
 def peak_rss_mb() -> float:

@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Report, median, parse_args, pick, psutil_module, ray_cluster, run_child, self_memory
+from bare import import_costs
+from common import Report, diffs, median, parse_args, pick, ray_cluster, run_child
 from ray_trials import run_trial
 
 NAME = "overhead"
@@ -48,8 +49,6 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-ray", action="store_true", help="only the bare-process variants (a), (a0), (b), (e)")
     p.add_argument("--preload-torch", action="store_true",
                    help="also run (d) on a cluster whose idle workers import torch ahead (RAY_preload_python_modules)")
-    p.add_argument("--child", choices=["plain", "fit", "ddp"], help=argparse.SUPPRESS)
-    p.add_argument("--child-config", help=argparse.SUPPRESS)
 
 
 def train_config(args: argparse.Namespace, num_workers: int) -> dict[str, Any]:
@@ -65,159 +64,12 @@ def train_config(args: argparse.Namespace, num_workers: int) -> dict[str, Any]:
                         "cpus_per_worker": 1.0}}
 
 
-# ----------------------------------------------------------------------------- bare processes
-
-def child(kind: str, cfg_dict: dict) -> dict:
-    """Runs in a fresh process: (a)+(a0) or (b); returns per-epoch figures and memory."""
-    import torch
-
-    torch.set_num_threads(1)
-    from training.config import TrainConfig
-
-    cfg = TrainConfig.from_dict(cfg_dict)
-    born = psutil_module().Process().create_time()
-    if kind == "ddp":
-        out = {"e": local_ddp(cfg_dict, born)}
-    elif kind == "fit":
-        from training.loop import fit
-
-        ends: list[float] = []
-        cpu: list[float] = []
-        result = fit(cfg, lambda metrics, directory: (ends.append(time.time()), cpu.append(time.thread_time())))
-        hist = result.history
-        out = {"b": {"samples_per_s": [h["samples_per_s"] for h in hist],
-                     "epoch_time_s": [h["epoch_time_s"] for h in hist],
-                     "period_s": [b - a for a, b in zip(ends, ends[1:])], "cpu_s": diffs(cpu),
-                     "startup_s": ends[0] - hist[0]["epoch_time_s"] - born}}
-    else:
-        out = {"a": plain_loop(cfg, born, dataloader=True), "a0": plain_loop(cfg, born, dataloader=False)}
-        out["a0"]["startup_s"] = None   # it ran after (a) in the same process
-    mem = self_memory()
-    for v in out.values():
-        v.setdefault("threads", torch.get_num_threads())
-        v.setdefault("peak_rss_mb", mem["peak_rss_mb"])
-        v.setdefault("pss_mb", mem["pss_mb"])
-    return out
-
-
-def _ddp_rank(rank: int, cfg_dict: dict, port: int, out_dir: str) -> None:
-    """One of (e)'s processes: gloo process group over localhost, then fit()."""
-    entry = time.time()
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    from training.config import TrainConfig
-    from training.loop import fit
-
-    world = cfg_dict["scaling"]["num_workers"]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    ends: list[float] = []
-    cpu: list[float] = []
-    hist = fit(TrainConfig.from_dict(cfg_dict),
-               lambda metrics, directory: (ends.append(time.time()), cpu.append(time.thread_time()))).history
-    dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
-        "entry": entry, "ends": ends, "cpu_s": diffs(cpu), "samples_per_s": [h["samples_per_s"] for h in hist],
-        "epoch_time_s": [h["epoch_time_s"] for h in hist], "peak_rss_mb": self_memory()["peak_rss_mb"],
-        "pss_mb": self_memory()["pss_mb"]}))
-
-
-def local_ddp(cfg_dict: dict, born: float) -> dict:
-    """(e): the 2-worker config as 2 local processes running fit under DDP/gloo, no Ray: what a
-    trial's worker group costs without Train's actors. The processes are forked (where the OS
-    can) from a process that has imported what fit imports, as a trial process would have."""
-    import torch.multiprocessing as tmp
-
-    from tuning.cluster import free_ports
-
-    cfg_dict = {**cfg_dict, "scaling": {**cfg_dict["scaling"], "num_workers": 2,
-                                        "batch_per_worker": cfg_dict["scaling"]["batch_per_worker"] // 2}}
-    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as out_dir:
-        import sklearn.model_selection  # noqa: F401  (what fit imports, imported before the fork,
-        import training.loop  # noqa: F401               as a trial process that forks its workers would)
-
-        method = "fork" if "fork" in tmp.get_all_start_methods() else "spawn"
-        spawned = time.time()
-        tmp.start_processes(_ddp_rank, args=(cfg_dict, free_ports(1)[0], out_dir), nprocs=2, start_method=method)
-        ranks = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("rank*.json"))]
-    first = max(r["ends"][0] - r["epoch_time_s"][0] for r in ranks)
-    entry = max(r["entry"] for r in ranks)
-    ends = ranks[0]["ends"]
-    return {"samples_per_s": ranks[0]["samples_per_s"], "epoch_time_s": ranks[0]["epoch_time_s"],
-            "period_s": [b - a for a, b in zip(ends, ends[1:])], "startup_s": first - born,
-            "cpu_s": [sum(c) for c in zip(*(r["cpu_s"] for r in ranks))],
-            "breakdown": {"process start -> fork (python, torch and training imports)": spawned - born,
-                          "fork -> both ranks' entry": entry - spawned,
-                          "entry -> first epoch (gloo, fit set-up)": first - entry},
-            "peak_rss_mb": sum(r["peak_rss_mb"] for r in ranks) + self_memory()["peak_rss_mb"],
-            "pss_mb": sum(r["pss_mb"] for r in ranks) + self_memory()["pss_mb"], "threads": 1}
-
-
-def plain_loop(cfg, born: float, dataloader: bool) -> dict:
-    """The reference: forward, loss, backward, SGD step; then a plain eval pass. Same model
-    (the registry builds it), same data, same global batch, same optimizer settings."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader
-
-    from training.data import load_data
-    from training.models import build_model
-
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data)
-    model = build_model(cfg.model, data.num_classes, data.input_shape)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.base_lr, momentum=cfg.optim.momentum)
-    batch = cfg.scaling.global_batch
-    xs, ys = data.train.tensors
-
-    def batches():
-        if dataloader:
-            yield from DataLoader(data.train, batch_size=batch, shuffle=True, drop_last=True)
-            return
-        perm = torch.randperm(len(ys))
-        for i in range(len(ys) // batch):
-            idx = perm[i * batch:(i + 1) * batch]
-            yield xs[idx], ys[idx]
-
-    sps, ends, cpu, first_start = [], [], [], None
-    for _ in range(cfg.epochs):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        first_start = first_start or time.time()
-        model.train()
-        n = 0
-        for x, y in batches():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-            n += len(y)
-        sps.append(n / (time.perf_counter() - t0))
-        model.eval()
-        with torch.no_grad():
-            for x, y in DataLoader(data.val, batch_size=max(batch, 256)):
-                (model(x).argmax(-1) == y).sum().item()
-        ends.append(time.time())
-        cpu.append(time.thread_time() - c0)
-    return {"samples_per_s": sps, "period_s": [b - a for a, b in zip(ends, ends[1:])], "cpu_s": cpu[1:],
-            "startup_s": first_start - born}
-
+# ----------------------------------------------------------------------------- bare processes (bench/bare.py)
 
 def bare(args: argparse.Namespace, kind: str) -> dict:
     cfg = json.dumps(train_config(args, 1))
-    return run_child([str(Path(__file__).resolve()), "--child", kind, "--child-config", cfg],
-                     env={"OMP_NUM_THREADS": "1"})
+    return run_child([str(Path(__file__).resolve().parent / "bare.py"), kind, cfg], env={"OMP_NUM_THREADS": "1"})
 
-
-IMPORT_PROBE = ("import json, time; t = time.perf_counter(); import {mod}; s = time.perf_counter() - t; "
-                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]; "
-                "print(json.dumps({{'s': s, 'rss_mb': int(hwm) / 1024}}))")
-
-
-def import_costs() -> dict[str, dict]:
-    """What importing each module costs a fresh Python process: seconds and peak RSS. Every Ray
-    process of a trial that touches torch pays the torch line (the CUDA build maps its libraries
-    even on a CPU-only machine)."""
-    return {mod: run_child(["-c", IMPORT_PROBE.format(mod=mod)]) for mod in ("json", "ray", "torch", "ray.train.torch")}
 
 
 # ----------------------------------------------------------------------------- Ray trials
@@ -235,7 +87,7 @@ def ray_trial(args: argparse.Namespace, cluster, label: str, num_workers: int, t
     """One Tune trial of the benchmark config on ``cluster``: per-epoch figures, start-up and its
     breakdown, peak memory of the trial's processes, Ray's task events up to the first epoch."""
     run = run_trial(make_spec(train_config(args, num_workers)), work, label,
-                    train_workers=1 if through_train and num_workers == 1 else 0, cluster=cluster, memory=True)
+                    train_workers=1 if through_train and num_workers == 1 else 0, cluster=cluster, sample=True)
     first = run.notes.get("rank0") or run.notes["trial"]
     workers, epoch_start = run.workers, run.first_epoch_start
     breakdown = {"launch -> trial start": run.start - run.launched,
@@ -248,7 +100,7 @@ def ray_trial(args: argparse.Namespace, cluster, label: str, num_workers: int, t
         breakdown["trial fn -> first epoch (fit set-up)"] = epoch_start - first["fn_entry"]
     breakdown["first epoch report -> driver"] = run.arrivals[0][0] - first["report_wall"]
     ends = [t for t, _ in run.arrivals]
-    mem = run.memory
+    mem = run.sampler
     world = max(1, len(workers))   # rank 0's training thread, times the workers: the trial's CPU per epoch
     return {"tasks": run.tasks, "samples_per_s": run.results("samples_per_s"),
             "cpu_s": [world * c for c in diffs(run.results("bench_thread_cpu_s"))],
@@ -258,7 +110,8 @@ def ray_trial(args: argparse.Namespace, cluster, label: str, num_workers: int, t
             "peak_rss_mb": mem.peak_rss / 2**20, "pss_mb": mem.peak_pss / 2**20,
             "by_role": {r: {k: v / 2**20 for k, v in m.items()} | {"count": mem.max_count[r]}
                         for r, m in mem.peak_by_role.items()},
-            "ray_processes_seen": sorted(mem.names)}
+            "ray_processes_seen": sorted(mem.names),
+            "background_cores": mem.background_cores(ends[1], ends[-1]) if len(ends) > 2 else None}
 
 
 def ray_variants(args: argparse.Namespace, report_line) -> dict[str, dict]:
@@ -293,10 +146,6 @@ LABELS = {"a": "(a) plain PyTorch loop, bare process",
           "e": "(e) 2 forked local processes, DDP/gloo, no Ray"}
 
 
-def diffs(xs: list[float]) -> list[float]:
-    return [b - a for a, b in zip(xs, xs[1:])]
-
-
 def merge(vs: list[dict]) -> dict:
     """Repeated bare runs as one: every run's timed epochs, the median start-up, the peak memory."""
     out = dict(vs[0])
@@ -318,9 +167,6 @@ def steady(v: dict, key: str = "samples_per_s") -> float:
 
 def main() -> None:
     args = parse_args(__doc__.splitlines()[0], configure)
-    if args.child:
-        print(json.dumps(child(args.child, json.loads(args.child_config))))
-        return
     rep = Report(NAME, args, "Framework overhead: plain PyTorch vs fit vs Tune/Train trials")
     cfg = train_config(args, 1)
     rep.note(f"Workload: synthetic data, {cfg['data']['num_samples']} samples (80% train), MLP "
@@ -352,16 +198,18 @@ def report(rep: Report, runs: dict[str, dict], imports: dict[str, dict]) -> dict
     a, a_cpu = steady(runs["a"]), median(runs["a"]["cpu_s"])
     rep.section("Throughput, start-up, memory")
     rep.table(["variant", "samples/s", "x (a)", "CPU s/epoch", "x (a) by CPU", "epoch period s", "start-up s",
-               "peak RSS GB", "peak PSS GB", "threads"],
+               "peak RSS GB", "peak PSS GB", "threads", "Ray + driver cores"],
               [[LABELS[k], steady(v), steady(v) / a, median(v["cpu_s"]), a_cpu / median(v["cpu_s"]),
-                steady(v, "period_s"), v.get("startup_s"), v["peak_rss_mb"] / 1024, v["pss_mb"] / 1024, threads(v)]
-               for k, v in runs.items()],
+                steady(v, "period_s"), v.get("startup_s"), v["peak_rss_mb"] / 1024, v["pss_mb"] / 1024, threads(v),
+                v.get("background_cores")] for k, v in runs.items()],
               "samples/s: training pass, median of the timed epochs (bare variants: of all rounds). CPU s/epoch: CPU "
               "time of the training thread(s) per epoch (train + eval + checkpoint; all workers), which load from "
               "other processes does not inflate: on a busy machine, compare by CPU. epoch period: wall time between "
               "consecutive epoch ends. start-up: process start (bare) or trial start (Ray) to the first epoch. "
               "Memory: bare = the process's (or processes') peak RSS and PSS; Ray = peak over the trial of the sum "
-              "over its processes.")
+              "over its processes. Ray + driver cores: CPU the cluster's own processes (raylet, GCS, dashboard, "
+              "agents, Train's helper actors) and the Tune driver used during the timed epochs, in cores: what "
+              "the trial competes with on this machine.")
     for k in ("c", "c1", "d", "d_preload", "e"):
         if k not in runs:
             continue
@@ -387,6 +235,7 @@ def report(rep: Report, runs: dict[str, dict], imports: dict[str, dict]) -> dict
     values.update({f"startup_{k}_s": v["startup_s"] for k, v in runs.items() if k[0] in "bcde"})
     values.update({f"rss_{k}_gb": v["peak_rss_mb"] / 1024 for k, v in runs.items() if k[0] in "cde"})
     values.update({f"pss_{k}_gb": v["pss_mb"] / 1024 for k, v in runs.items() if k[0] in "cde"})
+    values.update({f"ray_cores_{k}": v["background_cores"] for k, v in runs.items() if v.get("background_cores")})
     if "c" in runs:
         d = runs["d"]
         goals = {"goal_ratio_c_a": values["ratio_c_a"] >= GOAL_RATIO,

@@ -14,8 +14,9 @@ connected Ray cluster, and returns what it saw:
   result): a function trainable's report() returns only when the driver asks for more;
 - the CPU time of the training thread at each report (``bench_thread_cpu_s``; rank 0's in a
   Train run): per-epoch CPU that other work on the machine does not inflate;
-- optionally the peak memory of the trial's processes, and Ray's task events up to the first
-  epoch (which actors the trial created, how long each waited for a process and ran __init__).
+- optionally (``sample``) the peak memory of the trial's processes and the CPU the cluster's own
+  processes and the driver used meanwhile (common.TreeSampler), and Ray's task events up to the
+  first epoch (which actors the trial created, how long each waited for a process and ran __init__).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from common import TreeMemory
+from common import TreeSampler
 
 ROLES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")   # a trial's processes
 
@@ -94,7 +95,7 @@ class TrialRun:
     start: float                                      # on_trial_start
     arrivals: list[tuple[float, dict]]                # (wall clock at the driver, result)
     notes: dict[str, dict]                            # "trial", "rank0", "rank1", ...: see timed_trial
-    memory: Optional[TreeMemory] = None
+    sampler: Optional[TreeSampler] = None
     tasks: list[list] = field(default_factory=list)   # task_timeline rows
 
     @property
@@ -111,9 +112,9 @@ class TrialRun:
 
 
 def run_trial(spec, work: Path, label: str, *, train_workers: int = 0, callbacks: Sequence = (),
-              cluster=None, memory: bool = False) -> TrialRun:
+              cluster=None, sample: bool = False) -> TrialRun:
     """``spec.base`` as the only trial of a Tuner (resources as tuning.experiment gives them);
-    ``cluster`` (a LocalCluster) for the memory sampler and the task events."""
+    ``cluster`` (a LocalCluster) for the sampler and the task events."""
     from ray import tune
 
     from tuning.experiment import TRIAL_DRIVER_CPU, _trial_resources
@@ -132,7 +133,7 @@ def run_trial(spec, work: Path, label: str, *, train_workers: int = 0, callbacks
         def on_trial_result(self, iteration, trials, trial, result, **info):
             seen["arrivals"].append((time.time(), dict(result)))
 
-    sampler = TreeMemory(cluster.proc.pid, ROLES) if memory and cluster is not None else None
+    sampler = TreeSampler(cluster.proc.pid, ROLES) if sample and cluster is not None else None
     if sampler:
         sampler.start()
     launched = time.time()
