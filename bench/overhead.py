@@ -2,7 +2,8 @@
 
   (a)  a plain PyTorch loop (DataLoader, SGD) in a bare process
   (a0) the same loop slicing tensors instead of a DataLoader (what the DataLoader costs)
-  (b)  training.loop.fit in a bare process
+  (b)  training.loop.fit in a bare process; again while the Ray cluster runs idle (is a trial slower
+       because it runs inside Ray, or because Ray runs beside it?)
   (c)  a schedtune 1-worker trial: tuning.trial.trial_fn in a Tune trial (fit runs in the trial process)
   (c1) a 1-worker Ray Train TorchTrainer in a Tune trial (what (c) would cost through Train)
   (d)  a schedtune 2-worker trial: tuning.trial.trial_fn -> TorchTrainer, DDP over gloo
@@ -47,6 +48,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs after the warm-up epoch")
     p.add_argument("--rounds", type=int, help="rounds of the bare-process variants (alternating order)")
     p.add_argument("--skip-ray", action="store_true", help="only the bare-process variants (a), (a0), (b), (e)")
+    p.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
+                   help="py-spy (--gil) the training process of (c) and of (d)'s rank 0 for SECONDS after their first "
+                        "epoch (it costs those epochs a few percent)")
     p.add_argument("--preload-torch", action="store_true",
                    help="also run (d) on a cluster whose idle workers import torch ahead (RAY_preload_python_modules)")
 
@@ -71,7 +75,6 @@ def bare(args: argparse.Namespace, kind: str) -> dict:
     return run_child([str(Path(__file__).resolve().parent / "bare.py"), kind, cfg], env={"OMP_NUM_THREADS": "1"})
 
 
-
 # ----------------------------------------------------------------------------- Ray trials
 
 def make_spec(cfg_dict: dict):
@@ -87,7 +90,8 @@ def ray_trial(args: argparse.Namespace, cluster, label: str, num_workers: int, t
     """One Tune trial of the benchmark config on ``cluster``: per-epoch figures, start-up and its
     breakdown, peak memory of the trial's processes, Ray's task events up to the first epoch."""
     run = run_trial(make_spec(train_config(args, num_workers)), work, label,
-                    train_workers=1 if through_train and num_workers == 1 else 0, cluster=cluster, sample=True)
+                    train_workers=1 if through_train and num_workers == 1 else 0, cluster=cluster, sample=True,
+                    profile_s=args.py_spy if label in ("c", "d") else 0.0)
     first = run.notes.get("rank0") or run.notes["trial"]
     workers, epoch_start = run.workers, run.first_epoch_start
     breakdown = {"launch -> trial start": run.start - run.launched,
@@ -102,9 +106,9 @@ def ray_trial(args: argparse.Namespace, cluster, label: str, num_workers: int, t
     ends = [t for t, _ in run.arrivals]
     mem = run.sampler
     world = max(1, len(workers))   # rank 0's training thread, times the workers: the trial's CPU per epoch
-    return {"tasks": run.tasks, "samples_per_s": run.results("samples_per_s"),
+    return {"tasks": run.tasks, "profile": run.profile, "samples_per_s": run.results("samples_per_s"),
             "cpu_s": [world * c for c in diffs(run.results("bench_thread_cpu_s"))],
-            "epoch_time_s": run.results("epoch_time_s"), "period_s": [b - a for a, b in zip(ends, ends[1:])],
+            "epoch_time_s": run.results("epoch_time_s"), "period_s": diffs(ends),
             "startup_s": epoch_start - run.start, "breakdown": breakdown,
             "threads": sorted({n["threads"] for n in run.notes.values()}),
             "peak_rss_mb": mem.peak_rss / 2**20, "pss_mb": mem.peak_pss / 2**20,
@@ -121,6 +125,9 @@ def ray_variants(args: argparse.Namespace, report_line) -> dict[str, dict]:
         t = time.monotonic()
         with ray_cluster(num_cpus=cpus) as cluster:
             report_line(f"local Ray cluster up in {time.monotonic() - t:.1f} s ({cpus} logical CPUs)")
+            if args.mode != "smoke":   # is a trial slower because it runs in Ray, or because Ray runs?
+                out["b_up"] = bare(args, "fit")["b"]
+                report_line(f"(b_up) done: {steady(out['b_up']):.0f} samples/s")
             for label, n, train in (("c", 1, False), ("c1", 1, True), ("d", 2, False)):
                 if args.mode == "smoke" and label == "c1":
                     continue
@@ -139,6 +146,7 @@ def ray_variants(args: argparse.Namespace, report_line) -> dict[str, dict]:
 LABELS = {"a": "(a) plain PyTorch loop, bare process",
           "a0": "(a0) plain loop without DataLoader (tensor slicing)",
           "b": "(b) training.loop.fit, bare process",
+          "b_up": "(b) again, bare process, while the (idle) Ray cluster runs",
           "c": "(c) schedtune 1-worker trial (fit in the Tune trial process)",
           "c1": "(c1) 1-worker Ray Train TorchTrainer in a Tune trial",
           "d": "(d) schedtune 2-worker trial (TorchTrainer, DDP/gloo)",
@@ -222,6 +230,10 @@ def report(rep: Report, runs: dict[str, dict], imports: dict[str, dict]) -> dict
                       f"Ray's task events of this trial up to its first epoch: "
                       f"{sum(t[0].endswith('__init__') for t in v['tasks'])} actors created, each a Python process; "
                       "times from the trial's start.")
+        if v.get("profile"):
+            rep.table(["thread", "function (leaf)", "share of GIL samples"], v["profile"],
+                      "py-spy --gil of the training process after its first epoch: which threads hold the "
+                      "interpreter, and where the Python time of a step goes.")
         if v.get("by_role"):
             rep.table(["process", "count", "peak RSS GB", "peak PSS GB"],
                       [[r, m["count"], m["rss"] / 1024, m["pss"] / 1024] for r, m in v["by_role"].items()])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,7 @@ class TrialRun:
     notes: dict[str, dict]                            # "trial", "rank0", "rank1", ...: see timed_trial
     sampler: Optional[TreeSampler] = None
     tasks: list[list] = field(default_factory=list)   # task_timeline rows
+    profile: list[list] = field(default_factory=list)  # GilProfile.summary
 
     @property
     def workers(self) -> list[dict]:
@@ -112,9 +114,10 @@ class TrialRun:
 
 
 def run_trial(spec, work: Path, label: str, *, train_workers: int = 0, callbacks: Sequence = (),
-              cluster=None, sample: bool = False) -> TrialRun:
+              cluster=None, sample: bool = False, profile_s: float = 0.0) -> TrialRun:
     """``spec.base`` as the only trial of a Tuner (resources as tuning.experiment gives them);
-    ``cluster`` (a LocalCluster) for the sampler and the task events."""
+    ``cluster`` (a LocalCluster) for the sampler and the task events; ``profile_s`` > 0: py-spy
+    the training process (the trial, or rank 0) for that long once its first epoch is reported."""
     from ray import tune
 
     from tuning.experiment import TRIAL_DRIVER_CPU, _trial_resources
@@ -136,6 +139,9 @@ def run_trial(spec, work: Path, label: str, *, train_workers: int = 0, callbacks
     sampler = TreeSampler(cluster.proc.pid, ROLES) if sample and cluster is not None else None
     if sampler:
         sampler.start()
+    profiler = GilProfile(timing, profile_s) if profile_s > 0 else None
+    if profiler:
+        profiler.start()
     launched = time.time()
     try:
         grid = tune.Tuner(tune.with_resources(trainable, resources), tune_config=tune.TuneConfig(num_samples=1),
@@ -144,13 +150,53 @@ def run_trial(spec, work: Path, label: str, *, train_workers: int = 0, callbacks
     finally:
         if sampler:
             sampler.stop()
+        if profiler:
+            profiler.join(timeout=profile_s + 30)
     if grid.errors:
         raise RuntimeError(f"trial {label} failed: {grid.errors[0]}")
     run = TrialRun(launched, seen["start"], seen["arrivals"],
                    {p.stem: json.loads(p.read_text()) for p in timing.glob("*.json")}, sampler)
     if cluster is not None and run.workers:
         run.tasks = task_timeline(cluster.dashboard_url, run.start, run.first_epoch_start)
+    run.profile = profiler.summary if profiler else []
     return run
+
+
+class GilProfile(threading.Thread):
+    """``py-spy record --gil`` of the trial's training process (the pid its first report noted:
+    rank 0's in a Train run) for ``seconds``; ``summary``: [thread, function, share of the samples
+    in which a thread held the GIL], largest first. Shows whether anything but the training thread
+    competes for the interpreter, and where the training thread spends its Python time."""
+
+    def __init__(self, timing_dir: Path, seconds: float, top: int = 12):
+        super().__init__(daemon=True)
+        self.timing_dir, self.seconds, self.top = timing_dir, seconds, top
+        self.summary: list[list] = []
+
+    def run(self) -> None:
+        import subprocess
+        from collections import Counter
+
+        deadline = time.time() + 600
+        while time.time() < deadline:   # rank 0 where there is one, else the trial process
+            notes = [self.timing_dir / "rank0.json", self.timing_dir / "trial.json"]
+            found = [json.loads(n.read_text()) for n in notes if n.exists()]
+            if found:
+                break
+            time.sleep(0.5)
+        else:
+            return
+        out = self.timing_dir / "py-spy.txt"
+        subprocess.run(["py-spy", "record", "--pid", str(found[0]["pid"]), "--duration", str(int(self.seconds)),
+                        "--rate", "200", "--gil", "--threads", "--format", "raw", "-o", str(out)],
+                       capture_output=True, timeout=self.seconds + 60)
+        counts: Counter = Counter()
+        for line in out.read_text().splitlines() if out.exists() else []:
+            stack, n = line.rsplit(" ", 1)
+            frames = stack.split(";")
+            counts[(frames[0].split(": ", 1)[-1], frames[-1].split(" (")[0])] += int(n)
+        total = sum(counts.values()) or 1
+        self.summary = [[t, f, n / total] for (t, f), n in counts.most_common(self.top)]
 
 
 def task_timeline(dashboard_url: str, trial_start: float, first_epoch: float) -> list[list]:
