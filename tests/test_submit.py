@@ -42,6 +42,7 @@ def cluster_test(fn):
 @dataclass
 class Head:
     url: str            # the dashboard / job API
+    address: str        # the GCS, for ray.init
     token: str
     tmp: Path
     first_job: dict
@@ -53,7 +54,7 @@ def head(tmp_path_factory):
     cluster = LocalCluster(num_cpus=2, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     cluster.start()
     try:
-        yield Head(cluster.dashboard_url, token, tmp_path_factory.mktemp("submit"), {})
+        yield Head(cluster.dashboard_url, cluster.address, token, tmp_path_factory.mktemp("submit"), {})
     finally:
         cluster.stop()
 
@@ -264,3 +265,30 @@ def test_cli_jobs_lists_the_job_and_stop_stops_a_second_one(auth):
     if auth.first_job:
         assert rows[auth.first_job["id"]][1:3] == ["SUCCEEDED", "digits-quickstart"]
     assert auth.token not in p.stdout + p.stderr
+
+
+@cluster_test
+def test_a_token_connection_earlier_in_the_process_does_not_break_a_later_experiment(
+        auth, ray_cluster, monkeypatch, tmp_path):
+    """Ray caches the auth mode per process. After a token-mode connection (this module's head), an
+    experiment on a no-auth cluster from the same process must still run: with the stale token mode
+    its driver refused the raylet's calls and every trial actor was cancelled at creation."""
+    import ray
+
+    from tuning.cluster import refresh_ray_auth
+    from tuning.experiment import run_experiment
+    from tuning.space import load_spec
+
+    refresh_ray_auth()
+    ray.init(address=auth.address, logging_level="ERROR")
+    try:
+        assert ray.cluster_resources()["CPU"] == 2
+    finally:
+        ray.shutdown()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    spec = load_spec(QUICKSTART, {**SMOKE, "experiment.name": "after-token", "experiment.num_samples": 1,
+                                  "train.epochs": 1, "experiment.scheduler": {"name": "fifo"}})
+    result = run_experiment(spec, storage=str(tmp_path / "results"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                            address=ray_cluster.address, out=lambda line: None, register_model=False)
+    assert [r.status for r in result.rows] == ["completed"], [r.error for r in result.rows]

@@ -216,6 +216,12 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
             cluster = LocalCluster(num_cpus=num_cpus or os.cpu_count() or 1).start()
             address = cluster.address
             out(f"started a local Ray cluster ({cluster.num_cpus} CPUs, dashboard {cluster.dashboard_url})")
+        from tuning.cluster import refresh_ray_auth
+
+        # Ray caches the auth mode per process: an earlier connection made with token auth (e.g. a
+        # `submit` from this process) would otherwise make this driver refuse the raylet's calls,
+        # and every actor it owns would be cancelled as if the driver had died.
+        refresh_ray_auth()
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=True)
         return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out, points=points,
                      register_model=register_model)
