@@ -174,3 +174,19 @@ def test_cli_validate_prints_resolved_space():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "optim.base_lr" in p.stdout and "loguniform[0.001, 1]" in p.stdout
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` as a string; schedtune reads it as the number people mean,
+    in files and in --set; a quoted '1e-4' stays a string (and is refused where a number goes)."""
+    from tuning.cli import _set_pair
+
+    p = write(tmp_path, "experiment: {name: t, metric: val_acc, mode: max, num_samples: 2}\n"
+                        "train: {epochs: 2, optim: {base_lr: 1e-1, weight_decay: 5E-4}}\n"
+                        "space: {optim.base_lr: {loguniform: [1e-4, 1e0]}}\n")
+    spec = load_spec(p)
+    assert (spec.base.optim.base_lr, spec.base.optim.weight_decay) == (0.1, 5e-4)
+    assert spec.space["optim.base_lr"].args == (1e-4, 1.0)
+    assert _set_pair("train.optim.base_lr=3e-2") == ("train.optim.base_lr", 0.03)
+    with pytest.raises(SpaceError, match=r"train.optim.base_lr: got '1e-1'.*a finite number"):
+        load_spec(write(tmp_path, p.read_text().replace("base_lr: 1e-1", "base_lr: '1e-1'")))

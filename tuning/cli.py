@@ -12,16 +12,16 @@ import signal
 import sys
 from typing import Any, Optional
 
-import yaml
-
 EXIT_BAD_INPUT = 2
 
 
 def _set_pair(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. train.optim.base_lr=0.05), got {text!r}")
+    from tuning.space import load_yaml
+
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), load_yaml(value)
 
 
 def _positive_int(text: str) -> int:

@@ -164,16 +164,6 @@ def _searcher(spec: ExperimentSpec, limit: int, points: Optional[list[dict]] = N
     return BasicVariantGenerator(random_state=o.seed, max_concurrent=limit)
 
 
-def _scheduler(spec: ExperimentSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    s = spec.options.scheduler
-    if s.name == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(time_attr="epoch", max_t=spec.base.epochs, grace_period=s.grace_period,
-                         reduction_factor=s.reduction_factor)
-
-
 def _trial_resources(spec: ExperimentSpec) -> Callable[[dict], dict]:
     def resources(config: dict) -> dict:
         s = spec.trial_config(config).scaling
@@ -239,6 +229,7 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
     from ray import tune
 
     from tuning.progress import ProgressPrinter
+    from tuning.schedulers import make_scheduler
     from tuning.tracking import MLflowTracker
     from tuning.trial import trial_fn
 
@@ -262,13 +253,14 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=to_tune(spec))
     else:
+        scheduler, scheduler_callbacks = make_scheduler(spec)
         tuner = tune.Tuner(
             trainable, param_space=to_tune(spec),
             tune_config=tune.TuneConfig(metric=o.metric, mode=o.mode, num_samples=o.num_samples,
-                                        search_alg=_searcher(spec, limit, points), scheduler=_scheduler(spec)),
+                                        search_alg=_searcher(spec, limit, points), scheduler=scheduler),
             run_config=tune.RunConfig(
                 name=Path(run_dir).name, storage_path=str(Path(run_dir).parent) if "://" not in run_dir
-                else run_dir.rsplit("/", 1)[0], callbacks=[tracker, progress], verbose=0,
+                else run_dir.rsplit("/", 1)[0], callbacks=[tracker, progress, *scheduler_callbacks], verbose=0,
                 failure_config=tune.FailureConfig(max_failures=1),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=o.metric,
                                                         checkpoint_score_order=o.mode)))

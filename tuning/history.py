@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 from tuning.diagnose import Diagnosis, diagnose
+from tuning.space import load_yaml
 
 HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "update_ratio", "lr", "diverged")
 
@@ -47,7 +48,7 @@ class ExperimentRecord:
 
 def _value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text)
     except yaml.YAMLError:
         return text
 

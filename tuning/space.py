@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -160,6 +161,28 @@ def _parse_dist(file: str, key: str, spec: Any) -> Dist:
     return Dist(kind, (low, high))
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` is a number (YAML 1.1, which PyYAML
+    implements, reads it as the string '1e-4' because it lacks a dot)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> Python values, the way every schedtune input is read (files, ``--set``)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def _load_yaml(path: Path) -> tuple[str, Any]:
     file = str(path)
     try:
@@ -167,7 +190,7 @@ def _load_yaml(path: Path) -> tuple[str, Any]:
     except OSError as e:
         raise SpaceError(file, "<file>", None, f"a readable file ({e.strerror})") from None
     try:
-        return text, yaml.safe_load(text)
+        return text, load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"

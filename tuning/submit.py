@@ -100,7 +100,7 @@ def _client(address: str):
 
 
 def _yaml_value(value: Any) -> str:
-    """``value`` as text that ``yaml.safe_load`` (what ``--set`` applies) turns back into it."""
+    """``value`` as text that ``tuning.space.load_yaml`` (what ``--set`` applies) turns back into it."""
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
     return text[:-5] if text.endswith("\n...\n") else text.rstrip("\n")
 
