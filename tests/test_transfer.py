@@ -91,8 +91,6 @@ def registry(tmp_path_factory):
     uri = f"sqlite:///{tmp}/mlflow.db"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        # MLflow infers the model's pip requirements by loading it in a subprocess (~15 s here): not under test
-        mp.setattr(mlflow.models, "infer_pip_requirements", lambda *a, **k: ["torch"])
         cfg = TrainConfig.from_dict(PRETRAIN).with_updates({"regularization.ema_decay": 0.9})
         _, (trial,) = log_experiment(uri, "digits-base", [cfg], tmp / "work")
         assert register(uri, trial.run_id, "digits-base") == "1"
@@ -134,6 +132,40 @@ def test_unknown_registered_model_is_an_error_naming_it(registry, tmp_path):
     ft = finetune_cfg("mlflow:models:/no-such-model/1", "full")
     with pytest.raises(MlflowException, match="no-such-model"):
         resolve_pretrained(ft, str(tmp_path), registry[0])
+
+
+def test_the_driver_checks_mlflow_models_before_anything_starts(registry, tmp_path):
+    from training.config import ConfigError
+    from tuning.register import check_pretrained
+
+    uri, run_id = registry
+    for ok in ("mlflow:models:/digits-base/1", "mlflow:models:/digits-base/latest", f"mlflow:runs:/{run_id}/model",
+               "/a/local/file.pt", None):
+        check_pretrained(ok, uri)
+    for bad, why in [("mlflow:models:/digits-base/7", "digits-base"), ("mlflow:models:/nope/latest", "'nope'"),
+                     ("mlflow:models:/nope/1", "nope"), ("mlflow:runs:/0123abcd/model", "0123abcd"),
+                     ("mlflow:models:/digits-base", "expected a model"), ("mlflow:s3://b/m.pt", "expected a model")]:
+        with pytest.raises(ConfigError, match=r"^train\.model\.pretrained: got '.*', expected a model at") as e:
+            check_pretrained(bad, uri)
+        assert why in str(e.value), str(e.value)
+    missing = f"sqlite:///{tmp_path}/none.db"
+    with pytest.raises(ConfigError, match="that database does not exist"):
+        check_pretrained("mlflow:models:/digits-base/1", missing)
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_tune_with_an_unknown_mlflow_model_exits_2_before_ray_starts(registry, tmp_path):
+    import subprocess
+    import sys
+
+    uri, _ = registry
+    p = subprocess.run([sys.executable, "-m", "tuning.cli", "tune", str(ROOT / "search_spaces/transfer.yaml"),
+                        "--tracking-uri", uri, "--storage", str(tmp_path / "r"),
+                        "--set", "train.model.pretrained=mlflow:models:/digits-base/9"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "train.model.pretrained: got 'mlflow:models:/digits-base/9'" in p.stderr
+    assert "Ray cluster" not in p.stdout and not (tmp_path / "r").exists()
 
 
 def test_transfer_search_space_ships_the_three_modes():

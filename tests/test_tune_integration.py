@@ -109,6 +109,9 @@ def test_best_model_is_registered(experiment, mlflow_server):
     import torch
 
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    local = mlflow.artifacts.download_artifacts(f"models:/it-asha/{result.model_version}")
+    names = {line.split("==")[0] for line in open(f"{local}/requirements.txt").read().split()}
+    assert {"torch", "cloudpickle", "mlflow", "schedtune"} <= names, names   # given, not inferred (6 s)
 
 
 def test_runs_command_lists_the_trials_from_mlflow(experiment, mlflow_server):

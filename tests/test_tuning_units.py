@@ -215,3 +215,24 @@ def test_asha_rungs_survive_a_restore_through_the_callback_state():
     bracket = restored_asha._brackets[0]
     assert bracket.on_result(SimpleNamespace(trial_id="x"), 1, 0.1) == "STOP"     # judged against a, b, c
     assert bracket.on_result(SimpleNamespace(trial_id="y"), 1, 0.95) == "CONTINUE"
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkeypatch):
+    """Not MLflow's default ./mlruns of whatever directory the command ran in."""
+    import mlflow
+
+    from tuning.tracking import experiment_id
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    client = mlflow.MlflowClient(uri)
+    exp = experiment_id(client, uri, "beside")
+    assert experiment_id(client, uri, "beside") == exp                  # found, not created twice
+    run = client.create_run(exp)
+    (tmp_path / "a.txt").write_text("x")
+    client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+    assert (tmp_path / "store" / "mlruns" / run.info.run_id / "artifacts" / "a.txt").exists()
+    assert list(elsewhere.iterdir()) == []

@@ -173,6 +173,18 @@ def _trial_resources(spec: ExperimentSpec) -> Callable[[dict], dict]:
     return resources
 
 
+def check_pretrained_models(spec: ExperimentSpec, uri: str) -> None:
+    """Every ``mlflow:`` model the trials would start from exists (the fixed one, and each value a
+    searched ``model.pretrained`` can take): an error now, not a failure in every trial."""
+    from tuning.register import check_pretrained
+
+    check_pretrained(spec.base.model.pretrained, uri)
+    dist = spec.space.get("model.pretrained")
+    if dist is not None and dist.kind in ("choice", "grid"):
+        for value in dist.args:
+            check_pretrained(value, uri, key="space.model.pretrained")
+
+
 def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
                    address: Optional[str] = None, resume: bool = False, num_cpus: Optional[int] = None,
                    out: Callable[[str], None] = print, points: Optional[list[dict]] = None,
@@ -186,9 +198,10 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
     """
     from tuning.tracking import check_tracking, resolve_tracking_uri
 
-    storage = resolve_storage(storage)
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking(uri)
+    check_pretrained_models(spec, uri)
+    storage = resolve_storage(storage)
     name = spec.options.name
     if resume:
         run_dir = latest_run_dir(storage, name) if "://" not in storage else None

@@ -60,10 +60,11 @@ class RecipeLog:
         def start():
             import mlflow
 
+            from tuning.tracking import experiment_id
+
             self.client = mlflow.MlflowClient(self.uri)
             name = self.spec.options.name
-            exp = self.client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+            exp_id = experiment_id(self.client, self.uri, name)
             run = self.client.create_run(exp_id, run_name=f"{name}-recipe-{time.strftime('%Y%m%d-%H%M%S')}", tags={
                 "schedtune.role": "recipe", "schedtune.space_file": self.spec.file,
                 "schedtune.recipe_steps": ",".join(steps)})

@@ -78,6 +78,44 @@ def trial_model(client, run_id: str, directory: str | Path):
     return model_from_checkpoint(local, metric, mode)
 
 
+PRETRAINED_FORMS = "models:/NAME/VERSION, models:/NAME/latest, models:/NAME@ALIAS or runs:/RUN_ID/PATH"
+
+
+def check_pretrained(pretrained: Optional[str], tracking_uri: str, key: str = "train.model.pretrained") -> None:
+    """``mlflow:<model-uri>`` names a model that exists at ``tracking_uri``: checked by the driver
+    before Ray starts, without torch (each experiment's trials download it). Other values pass."""
+    if not (pretrained and pretrained.startswith(MLFLOW_PREFIX)):
+        return
+    from training.config import ConfigError
+
+    uri = pretrained[len(MLFLOW_PREFIX):]
+    expected = f"a model at the tracking URI {tracking_uri} ({PRETRAINED_FORMS})"
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        raise ConfigError(key, pretrained, f"{expected}: that database does not exist")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        if uri.startswith("models:/"):
+            name, _, ref = uri[len("models:/"):].partition("/")
+            if "@" in name and not ref:
+                client.get_model_version_by_alias(*name.split("@", 1))
+            elif ref == "latest":
+                if not client.search_model_versions(f"name = '{name}'"):
+                    raise ConfigError(key, pretrained, f"{expected}: no version of {name!r} is registered")
+            elif ref.isdigit():
+                client.get_model_version(name, ref)
+            else:
+                raise ConfigError(key, pretrained, expected)
+        elif uri.startswith("runs:/") and uri[len("runs:/"):].strip("/"):
+            client.get_run(uri[len("runs:/"):].split("/")[0])
+        else:
+            raise ConfigError(key, pretrained, expected)
+    except MlflowException as e:
+        raise ConfigError(key, pretrained, f"{expected}: {e.message.splitlines()[0]}") from None
+
+
 def fetch_pretrained(model_uri: str, tracking_uri: str, directory: str) -> str:
     """The weights (a state_dict file) of MLflow model ``model_uri``, written once into ``directory``.
 
@@ -112,6 +150,22 @@ def fetch_pretrained(model_uri: str, tracking_uri: str, directory: str) -> str:
     return target
 
 
+def model_requirements() -> list[str]:
+    """What loading a registered model needs: MLflow's defaults for a pickled torch model (torch,
+    cloudpickle, mlflow) and schedtune, whose model classes the pickle names. Given explicitly:
+    MLflow's inference reaches the same list by loading the model in a subprocess, 6 s here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlflow
+
+    reqs = list(mlflow.pytorch.get_default_pip_requirements())
+    try:
+        reqs.append(f"schedtune=={version('schedtune')}")
+    except PackageNotFoundError:   # running from a source tree that was never installed
+        pass
+    return reqs
+
+
 def register(tracking_uri: str, run_id: str, name: str) -> str:
     import mlflow
     import numpy as np
@@ -126,7 +180,7 @@ def register(tracking_uri: str, run_id: str, name: str) -> str:
             # pickle, not MLflow 3's torch.export format: that one fixes the batch size to the
             # input example's (a registered model that only takes batches of 1).
             info = mlflow.pytorch.log_model(model, name="model", input_example=example,
-                                            serialization_format="pickle",
+                                            serialization_format="pickle", pip_requirements=model_requirements(),
                                             registered_model_name=name, await_registration_for=60)
     return str(info.registered_model_version)
 

@@ -49,6 +49,19 @@ def resolve_tracking_uri(uri: Optional[str]) -> str:
     return uri
 
 
+def experiment_id(client, uri: str, name: str) -> str:
+    """The MLflow experiment ``name``, created where missing. With a sqlite store its artifacts go
+    beside the database (``<db dir>/mlruns/<run id>``), not into MLflow's default ``./mlruns`` of whatever
+    directory the command happened to run in."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast (before any trial starts) when the tracking backend is unusable."""
     if uri.startswith(("http://", "https://")):
@@ -184,8 +197,7 @@ class MLflowTracker(Callback):
     # -- Tune hooks
     def setup(self, **info):
         name = self.spec.options.name
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.experiment_id = experiment_id(self.client, self.uri, name)
         self.parent_run_id = self._find_run({"schedtune.run_dir": self.run_dir})
         if self.parent_run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=f"{name}-{Path(self.run_dir).name}", tags={
