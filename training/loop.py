@@ -150,8 +150,10 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """One pass over this worker's shard; returns aggregated train metrics."""
     cfg, accum = run.cfg, run.cfg.scaling.grad_accum_steps
     run.model.train()
-    loss_sum = correct = count = norm_sum = micro_loss = 0.0
+    loss_sum = count = norm_sum = micro_loss = 0.0
+    correct = torch.zeros((), dtype=torch.long, device=run.device)   # summed on device: no sync per step
     n_steps, ratio, lr = 0, 0.0, 0.0
+    params = [p for p in run.core.parameters() if p.requires_grad]
     batches = itertools.islice(_loader(run, epoch), run.plan.steps_per_epoch * accum)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -164,14 +166,15 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
             logits = run.model(xm)
             loss = soft_cross_entropy(logits, target, cfg.regularization.label_smoothing)
             (loss / accum).backward()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(-1) == y).sum().item()
+        batch_loss = loss.item()     # the per-step trace needs it anyway: one sync for all three uses
+        loss_sum += batch_loss * len(y)
+        correct += (logits.argmax(-1) == y).sum()
         count += len(y)
-        micro_loss += loss.item() / accum
+        micro_loss += batch_loss / accum
         if not last_micro:
             continue
         lr = run.optimizer.param_groups[-1]["lr"]
-        norm = nn.utils.clip_grad_norm_(run.core.parameters(), cfg.optim.grad_clip or math.inf).item()
+        norm = _grad_norm(params, cfg.optim.grad_clip)
         if not math.isfinite(norm):  # grads are all-reduced: every worker stops at the same step
             raise Diverged(run.step, lr, norm)
         measure = n_steps == run.plan.steps_per_epoch - 1
@@ -190,12 +193,21 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
         run.step += 1
         n_steps += 1
         norm_sum += norm
-    loss_sum, correct, count = _all_sum([loss_sum, correct, count], run.device)
+    loss_sum, correct, count = _all_sum([loss_sum, correct.item(), count], run.device)
     train_loss = loss_sum / max(count, 1)
     if not math.isfinite(train_loss):
         raise Diverged(run.step, run.optimizer.param_groups[-1]["lr"], train_loss, "train loss")
     return {"train_loss": train_loss, "train_acc": correct / max(count, 1), "lr": lr,
             "grad_norm": norm_sum / max(n_steps, 1), "update_ratio": ratio, "samples": count}
+
+
+def _grad_norm(params: list[torch.Tensor], clip: Optional[float]) -> float:
+    """The global gradient norm, clipped to ``clip`` where set. Without clipping only the norm is
+    computed: clip_grad_norm_(..., inf) would also rescale every gradient by 1."""
+    if clip:
+        return nn.utils.clip_grad_norm_(params, clip).item()
+    grads = [p.grad for p in params if p.grad is not None]
+    return nn.utils.get_total_norm(grads).item() if grads else 0.0
 
 
 def _average(run: _Run) -> None:
