@@ -47,3 +47,12 @@ def test_every_schedtune_command_in_the_readme_parses():
         argv = [PLACEHOLDERS.get(a, a) for a in argv]
         args = parser.parse_args(argv)
         assert args.command, command
+
+
+def test_the_layout_doc_lists_every_module_and_nothing_else():
+    layout = (ROOT / "docs/layout.md").read_text()
+    listed = set(re.findall(r"^\| `((?:training|tuning)/\w+\.py)` \|", layout, re.M))
+    modules = {str(p.relative_to(ROOT)) for pkg in ("training", "tuning") for p in (ROOT / pkg).glob("*.py")
+               if p.name != "__init__.py"}
+    assert listed == modules, (sorted(modules - listed), sorted(listed - modules))
+    assert "docs/layout.md" in README
