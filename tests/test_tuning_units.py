@@ -69,9 +69,12 @@ def test_tracking_down_at_start_is_a_clear_error(tmp_path):
     uri = f"http://127.0.0.1:{free_ports(1)[0]}"
     with pytest.raises(TrackingError, match=f"cannot reach the MLflow tracking server at {uri}"):
         check_tracking(uri, timeout_s=2)
-    with pytest.raises(TrackingError, match="not a writable directory"):
-        check_tracking(f"sqlite:///{tmp_path}/missing/mlflow.db")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(TrackingError, match=f"{tmp_path}/a-file is not a writable directory"):
+        check_tracking(f"sqlite:///{tmp_path}/a-file/sub/mlflow.db")
     check_tracking(f"sqlite:///{tmp_path}/mlflow.db")
+    check_tracking(f"sqlite:///{tmp_path}/not/yet/mlflow.db")        # MLflow makes the directories
+    assert not (tmp_path / "not").exists()                          # the check itself makes nothing
 
 
 def test_cli_refuses_an_unreachable_tracking_server_before_ray(tmp_path):

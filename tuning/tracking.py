@@ -75,8 +75,9 @@ def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
                                 f"--tracking-uri (default {DEFAULT_TRACKING_URI})") from None
     elif uri.startswith("sqlite:///"):
         parent = Path(uri[len("sqlite:///"):]).parent
-        if not (parent.is_dir() and os.access(parent, os.W_OK)):
-            raise TrackingError(f"cannot write the MLflow database {uri}: {parent} is not a writable directory")
+        existing = next(p for p in (parent, *parent.parents) if p.exists())   # MLflow makes the rest
+        if not (existing.is_dir() and os.access(existing, os.W_OK)):
+            raise TrackingError(f"cannot write the MLflow database {uri}: {existing} is not a writable directory")
 
 
 def end_state(last: dict[str, Any], errored: bool, epochs: int, scheduler: str) -> str:

@@ -29,6 +29,7 @@ def _train_worker(loop_config: dict) -> None:
     from training.loop import Diverged, fit
 
     cfg = TrainConfig.from_dict(loop_config["train"])
+    _set_threads(cfg)
     ctx = ray.train.get_context()
     with tempfile.TemporaryDirectory(prefix="schedtune-worker-") as work:
         resume = _restored(ray.train.get_checkpoint(), work)
@@ -43,6 +44,15 @@ def _train_worker(loop_config: dict) -> None:
                 device=ray.train.torch.get_device())
         except Diverged as e:
             ray.train.report(_diverged_metrics(e, cfg, loop_config["metric"], loop_config["mode"]))
+
+
+def _set_threads(cfg: TrainConfig) -> None:
+    """One compute thread per CPU the worker was given. Ray sets OMP_NUM_THREADS to match, but a
+    torch imported before that (a preloaded module, a setup hook) keeps one thread per core, and
+    every worker of the node would use them all."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
 
 def _restored(checkpoint, work: str) -> Optional[str]:
@@ -125,7 +135,7 @@ def _trial_in_process(cfg: TrainConfig, metric: str, mode: str) -> None:
     from training.loop import Diverged, fit
 
     device = torch.device("cuda") if cfg.scaling.use_gpu and torch.cuda.is_available() else None
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    _set_threads(cfg)
     with tempfile.TemporaryDirectory(prefix="schedtune-trial-") as work:
         resume = _restored(tune.get_checkpoint(), work)
         cfg = _local_pretrained(cfg, work)
