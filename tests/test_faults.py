@@ -1,4 +1,5 @@
-"""Faults on a real local Ray cluster: a diverging trial."""
+"""Faults on a real local Ray cluster: a diverging trial, a worker group that cannot start, a killed
+Train worker, an MLflow outage."""
 from __future__ import annotations
 
 import pytest
@@ -34,6 +35,27 @@ def test_a_diverged_trial_is_tagged_and_never_best(ray_cluster, tmp_path):
     assert 0 <= int(run.data.tags["schedtune.diverged_step"]) < 100
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["schedtune.best_run_id"] == by_lr[0.05].run_id
+
+
+def test_a_worker_group_that_cannot_start_fails_its_trial_saying_what_is_missing(tmp_path, monkeypatch):
+    """A 1-CPU cluster joined by address (so schedtune cannot rule the trial out up front, as it does
+    for a local cluster): the trial's driver takes 0.25 CPU, its 2 workers x 0.5 CPU never fit."""
+    from tuning.cluster import LocalCluster
+    from tuning.experiment import run_experiment
+    from tuning.space import load_spec
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    spec = load_spec(ROOT / "search_spaces/quickstart.yaml", {
+        "experiment.name": "it-nostart", "experiment.num_samples": 1, "experiment.scheduler": {"name": "fifo"},
+        "train.epochs": 1, "train.scaling.num_workers": 2, "train.scaling.cpus_per_worker": 0.5})
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"}
+    with LocalCluster(num_cpus=1, env=env) as cluster:
+        result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                                address=cluster.address, out=lambda line: None)
+    [row] = result.rows
+    assert row.status == "failed" and result.best is None
+    assert row.error.startswith("WorkerGroupStartError: the trial's worker group could not start within 3 s")
+    assert "2 workers x 0.5 CPU = 1 CPU at once" in row.error and "missing 0.25 CPU" in row.error
 
 
 def _tune_cmd(ray_cluster, tmp_path, name, tracking_uri, *sets):

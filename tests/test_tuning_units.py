@@ -39,6 +39,25 @@ def test_max_concurrent_uses_the_largest_sampled_worker_group():
     assert max_concurrent(spec, {"CPU": 10}, None) == 2
 
 
+def test_max_concurrent_combines_searched_worker_counts_and_sizes():
+    # The largest group is 4 workers x 2 CPUs (+ 0.25 for the trial driver) = 8.25 CPU: a combination
+    # of two searched keys, which neither key's extremes reach alone (4 x 0.5 + 0.25, 2 x 2 + 0.25).
+    spec = load_spec(QUICK, {"space.scaling.num_workers": {"choice": [1, 4]},
+                             "space.scaling.cpus_per_worker": {"choice": [0.5, 2]}})
+    assert max_concurrent(spec, {"CPU": 17}, None) == 2
+    with pytest.raises(ResourceError, match="8.25 CPU"):
+        max_concurrent(spec, {"CPU": 8}, None)
+
+
+def test_progress_counts_every_grid_point_as_a_trial():
+    from tuning.progress import ProgressPrinter
+
+    spec = load_spec(QUICK, {"experiment.num_samples": 2, "space.optim.base_lr": {"grid": [0.1, 0.01, 0.001]}})
+    lines: list[str] = []
+    ProgressPrinter(spec, lines.append)._line([])
+    assert "0/6 done" in lines[0]
+
+
 def test_a_trial_that_cannot_fit_is_an_error_naming_resources():
     with pytest.raises(ResourceError) as e:
         max_concurrent(spec_with(num_workers=4, cpus_per_worker=1), {"CPU": 2}, None)
@@ -165,19 +184,36 @@ def test_help_lists_every_command():
 
 
 def test_unwritable_or_full_storage_is_a_clear_error_at_start(tmp_path, monkeypatch):
-    from tuning import experiment
-    from tuning.experiment import StorageError, resolve_storage
+    from tuning import storage
+    from tuning.storage import StorageError, resolve_storage
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     with pytest.raises(StorageError, match=f"results storage {blocker}/results is not writable"):
         resolve_storage(str(blocker / "results"))
-    monkeypatch.setattr(experiment.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 1024 * 1024})())
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 * 1024 * 1024})())
     with pytest.raises(StorageError, match="is full .10 MB free"):
         resolve_storage(str(tmp_path / "ok"))
     monkeypatch.undo()
     assert resolve_storage(str(tmp_path / "ok")) == str(tmp_path / "ok")
-    assert resolve_storage("s3://bucket/x") == "s3://bucket/x"
+    # a URI gets the same check, through pyarrow's filesystems (S3, GCS, file://, ...)
+    assert resolve_storage(f"file://{tmp_path}/uri/") == f"file://{tmp_path}/uri"
+    assert (tmp_path / "uri").is_dir() and not list((tmp_path / "uri").iterdir())   # the probe is gone
+    with pytest.raises(StorageError, match=f"results storage file://{blocker}/results is not writable"):
+        resolve_storage(f"file://{blocker}/results")
+
+
+@pytest.mark.parametrize("uri", [False, True])
+def test_resume_finds_the_latest_restorable_run_locally_and_under_a_uri(tmp_path, uri):
+    from tuning.storage import latest_run_dir
+
+    for run, restorable in (("20261101-000000", True), ("20261102-000000", True), ("20261103-000000", False)):
+        (tmp_path / "exp" / run).mkdir(parents=True)
+        if restorable:
+            (tmp_path / "exp" / run / "tuner.pkl").write_bytes(b"x")
+    storage = f"file://{tmp_path}" if uri else str(tmp_path)
+    assert latest_run_dir(storage, "exp") == f"{storage}/exp/20261102-000000"
+    assert latest_run_dir(storage, "other") is None
 
 
 def test_cli_storage_error_exits_2_before_ray(tmp_path):
@@ -239,3 +275,12 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkey
     client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
     assert (tmp_path / "store" / "mlruns" / run.info.run_id / "artifacts" / "a.txt").exists()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_failed_trials_error_is_its_own_exception_not_rays_wrapper():
+    from tuning.experiment import error_summary
+
+    wrapped = RuntimeError("ray::ImplicitFunc.train() (pid=1, ip=127.0.0.1)\n  File \"trial.py\", line 3, in fit\n"
+                           "    raise X\ntuning.trial.WorkerGroupStartError: it needs 2 workers x 0.5 CPU: missing 0.25 CPU")
+    assert error_summary(wrapped) == "WorkerGroupStartError: it needs 2 workers x 0.5 CPU: missing 0.25 CPU"
+    assert error_summary(ValueError("no type prefix here")) == "no type prefix here"

@@ -15,13 +15,26 @@ from typing import Any, Optional
 EXIT_BAD_INPUT = 2
 
 
+SET_ROOTS = ("experiment", "train", "space")   # the sections of a search-space file
+
+
 def _set_pair(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. train.optim.base_lr=0.05), got {text!r}")
+    import yaml
+
     from tuning.space import load_yaml
 
     key, value = text.split("=", 1)
-    return key.strip(), load_yaml(value)
+    key = key.strip()
+    if key.split(".", 1)[0] not in SET_ROOTS:   # anything else would be silently ignored
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY under experiment., train. or space. "
+                                         f"(e.g. train.optim.base_lr=0.05), got key {key!r}")
+    try:
+        return key, load_yaml(value)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:   # ValueError: e.g. a date 2001-13-45
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with VALUE in YAML, got {value!r} ({problem})") from None
 
 
 def _positive_int(text: str) -> int:
@@ -198,8 +211,9 @@ def _terminate(signum, frame):
 
 def main(argv: Optional[list[str]] = None) -> int:
     from training.config import ConfigError
-    from tuning.experiment import ResourceError, StorageError
+    from tuning.experiment import ResourceError
     from tuning.space import SpaceError
+    from tuning.storage import StorageError
     from tuning.tracking import TrackingError
 
     args = build_parser().parse_args(argv)

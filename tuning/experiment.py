@@ -7,9 +7,10 @@ trial is in tuning.trial.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
-import shutil
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from training.config import TrainConfig
-from tuning.space import ExperimentSpec, to_tune
+from tuning.space import ExperimentSpec, to_tune, total_trials
+from tuning.storage import latest_run_dir, resolve_storage
 
 TRIAL_DRIVER_CPU = 0.25      # the Tune trial process of a Train run mostly waits on its workers
 WORKER_MEMORY_GB = 1.5       # a torch worker process (the CUDA build) on CPU, measured ~1 GB
@@ -36,12 +38,11 @@ def trial_demand(cfg: TrainConfig) -> dict[str, float]:
 
 
 def _extreme_configs(spec: ExperimentSpec) -> list[TrainConfig]:
-    """The base config and each scaling-relevant extreme of the space (for sizing)."""
-    cfgs = [spec.base]
-    for key, d in spec.space.items():
-        if key == "scaling" or key.startswith("scaling."):
-            cfgs += [spec.base.with_updates({key: v}) for v in d.extremes()]
-    return cfgs
+    """The base config and every combination of the space's scaling extremes (for sizing: the
+    most workers with the most CPUs per worker is a combination of two keys)."""
+    keys = [k for k in spec.space if k == "scaling" or k.startswith("scaling.")]
+    combos = itertools.product(*(spec.space[k].extremes() for k in keys))
+    return [spec.base, *(spec.base.with_updates(dict(zip(keys, values))) for values in combos if keys)]
 
 
 class ResourceError(RuntimeError):
@@ -108,40 +109,6 @@ class ExperimentResult:
         return ok[0] if ok else None
 
 
-def resolve_storage(storage: Optional[str]) -> str:
-    """Absolute local path (created and checked writable) or a URI (s3://, gs://, ...)."""
-    storage = storage or "./schedtune_results"
-    if "://" in storage:
-        return storage
-    p = Path(storage).expanduser().resolve()
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".schedtune-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise StorageError(f"results storage {p} is not writable ({e.strerror}): pass --storage DIR") from None
-    free = shutil.disk_usage(p).free
-    if free < MIN_FREE_BYTES:
-        raise StorageError(f"results storage {p} is full ({free / 1e6:.0f} MB free, checkpoints need at least "
-                           f"{MIN_FREE_BYTES / 1e6:.0f} MB): free space or pass --storage DIR")
-    return str(p)
-
-
-class StorageError(RuntimeError):
-    """The results storage cannot take this experiment (unwritable, full)."""
-
-
-MIN_FREE_BYTES = 200 * 1024 * 1024   # below this a run would fail mid-way writing checkpoints
-
-
-def latest_run_dir(storage: str, name: str) -> Optional[str]:
-    """The newest restorable invocation of experiment ``name`` under ``storage`` (local)."""
-    root = Path(storage) / name
-    runs = sorted(p for p in root.glob("*") if (p / "tuner.pkl").exists()) if root.is_dir() else []
-    return str(runs[-1]) if runs else None
-
-
 def _searcher(spec: ExperimentSpec, limit: int, points: Optional[list[dict]] = None):
     """The search algorithm, holding at most ``limit`` trials at once. (Tune applies
     TuneConfig.max_concurrent_trials only to Searchers it wraps, and silently ignores it for a
@@ -204,7 +171,7 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
     storage = resolve_storage(storage)
     name = spec.options.name
     if resume:
-        run_dir = latest_run_dir(storage, name) if "://" not in storage else None
+        run_dir = latest_run_dir(storage, name)
         if run_dir is None:
             raise FileNotFoundError(f"nothing to resume: no interrupted run of {name!r} under {storage}/{name}")
     else:
@@ -261,7 +228,7 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, spec=spec, storage=train_storage, tracking_uri=uri),  # uri: mlflow: pretrained
         _trial_resources(spec))
-    out(f"{o.name}: {o.num_samples} trials, {limit} at a time, results in {run_dir}, MLflow {uri}")
+    out(f"{o.name}: {total_trials(spec)} trials, {limit} at a time, results in {run_dir}, MLflow {uri}")
     if resume:
         tuner = tune.Tuner.restore(run_dir, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=to_tune(spec))
@@ -316,11 +283,22 @@ def _rows(spec: ExperimentSpec, grid, tracker) -> list[TrialRow]:
         best = (max(values) if o.mode == "max" else min(values)) if values and status not in ("diverged", "failed") else None
         params = {k: v for k, v in (r.config or {}).items() if k in spec.space}
         rows.append(TrialRow(trial_id, status, int(last.get("epoch", 0)), best, params,
-                             tracker._children.get(trial_id), str(r.error).splitlines()[0][:200] if r.error else None,
+                             tracker._children.get(trial_id), error_summary(r.error) if r.error else None,
                              _diagnosis(tracker, trial_id, history)))
     sign = -1 if o.mode == "max" else 1
     rows.sort(key=lambda r: (r.metric is None, sign * (r.metric or 0.0)))
     return rows
+
+
+def error_summary(error: BaseException) -> str:
+    """The line of a trial's error that says what went wrong: Ray wraps the trial's own exception in
+    a traceback whose first line names only the actor, and whose last ``Type: message`` line is it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        m = re.match(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"[:1000]
+    return (lines[0] if lines else type(error).__name__)[:1000]
 
 
 def _diagnosis(tracker, trial_id: str, history) -> Optional[str]:

@@ -7,7 +7,7 @@ from typing import Callable
 
 from ray.tune import Callback
 
-from tuning.space import ExperimentSpec
+from tuning.space import ExperimentSpec, total_trials
 
 
 class ProgressPrinter(Callback):
@@ -32,7 +32,7 @@ class ProgressPrinter(Callback):
         best = (f"best {o.metric} {self.best[0]:.4f} ({self.best[1]}, epoch {self.best[2]})"
                 if self.best else f"best {o.metric} -")
         elapsed = time.monotonic() - self.t0
-        self.out(f"[{elapsed:6.0f}s] {running} running, {pending} pending, {len(self.ended)}/{o.num_samples} done "
+        self.out(f"[{elapsed:6.0f}s] {running} running, {pending} pending, {len(self.ended)}/{total_trials(self.spec)} done "
                  f"({stopped} stopped early) | {best}{' | ' + note if note else ''}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):

@@ -37,6 +37,11 @@ def summary(result: "ExperimentResult", spec: ExperimentSpec) -> str:
     """What the terminal shows at the end: the table, the best config, where it is in MLflow."""
     out = [results_table(result, spec), ""]
     best = result.best
+    failed = [r for r in result.rows if r.error]
+    for r in failed:
+        out.append(f"trial {r.trial_id} failed: {r.error}")
+    if failed:
+        out.append("")
     if best is None:
         out.append("no trial finished with a valid metric (see the status column)")
     else:

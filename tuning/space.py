@@ -258,11 +258,17 @@ def _check_search(file: str, o: ExperimentOptions, space: dict[str, Dist]) -> No
 
 
 def grid_size(spec: ExperimentSpec) -> int:
+    """How many points the space's grids enumerate (1 without grids): Tune runs each sample on all of them."""
     n = 1
     for d in spec.space.values():
         if d.kind == "grid" or (spec.options.search == "grid" and d.kind == "choice"):
             n *= len(d.args)
     return n
+
+
+def total_trials(spec: ExperimentSpec) -> int:
+    """How many trials the experiment runs: ``num_samples`` for every point of the grids."""
+    return spec.options.num_samples * grid_size(spec)
 
 
 def to_tune(spec: ExperimentSpec) -> dict[str, Any]:

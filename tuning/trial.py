@@ -10,6 +10,7 @@ experiment goes on and the trial never counts as best.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -19,6 +20,10 @@ from tuning.register import MLFLOW_PREFIX
 from tuning.space import ExperimentSpec
 
 FAILURE_CONTROLLER_LIMIT = 2  # a worker group that cannot start fails the trial after 2 tries
+
+
+class WorkerGroupStartError(RuntimeError):
+    """A trial's Train worker group could not get its resources: says what it needed and what was free."""
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -108,6 +113,10 @@ def trial_fn(config: dict, spec: ExperimentSpec, storage: str, tracking_uri: Opt
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from tuning.cluster import TRAIN_ENV_DEFAULTS
+
+    for k, v in TRAIN_ENV_DEFAULTS.items():   # Train hands them from this process to its controller,
+        os.environ.setdefault(k, v)           # also on a cluster schedtune did not start: a bounded wait
     s = cfg.scaling
     per_worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
@@ -125,7 +134,35 @@ def trial_fn(config: dict, spec: ExperimentSpec, storage: str, tracking_uri: Opt
                                                    controller_failure_limit=FAILURE_CONTROLLER_LIMIT),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.ControllerError as e:
+        from ray.train.v2._internal.exceptions import (InsufficientClusterResourcesError,
+                                                       WorkerGroupStartupTimeoutError)
+
+        if not isinstance(e.controller_failure, (WorkerGroupStartupTimeoutError, InsufficientClusterResourcesError)):
+            raise
+        raise WorkerGroupStartError(startup_failure(
+            s.num_workers, per_worker, ray.available_resources(), ray.cluster_resources(),
+            float(os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"]))) from None
+
+
+def startup_failure(num_workers: int, per_worker: dict[str, float], free: dict[str, float],
+                    total: dict[str, float], timeout_s: float) -> str:
+    """Why a worker group did not start, in numbers: what it needs at once, what the cluster has free."""
+    def fmt(d: dict[str, float]) -> str:
+        return ", ".join(f"{v:g} {k}" for k, v in d.items())
+
+    need = {k: v * num_workers for k, v in per_worker.items()}
+    missing = {k: v - free.get(k, 0.0) for k, v in need.items() if v > free.get(k, 0.0) + 1e-9}
+    return (f"the trial's worker group could not start within {timeout_s:g} s per attempt "
+            f"(up to {FAILURE_CONTROLLER_LIMIT + 1} attempts): it needs {num_workers} workers x {fmt(per_worker)} = {fmt(need)} "
+            f"at once; the cluster has {fmt({k: free.get(k, 0.0) for k in need})} free of "
+            f"{fmt({k: total.get(k, 0.0) for k in need})}"
+            + (f", missing {fmt(missing)}" if missing else " now (it was taken while the group waited)")
+            + ". Lower scaling.num_workers, cpus_per_worker or gpus_per_worker, run fewer trials at once "
+              "(experiment.max_concurrent_trials), add nodes, or raise RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S "
+              "for an autoscaling cluster")
 
 
 def _trial_in_process(cfg: TrainConfig, metric: str, mode: str) -> None:
