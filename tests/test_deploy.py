@@ -1,10 +1,12 @@
-"""Offline checks of the Kubernetes deployment in deploy/ (no API server needed).
+"""Offline checks of the Kubernetes deployment in deploy/ (no API server needed): what renders.
 
 Every overlay must render with `kubectl kustomize`; its core objects must validate strictly against
 Kubernetes' own schemas (kubernetes-validate) and its KubeRay objects against the KubeRay v1.7 CRD
-schemas in ../shared/k8s-schemas/, made strict; checkov may report only the findings listed, with a
-reason, in deploy/checkov-skips.yaml; commands in the image and the RayJob must be commands the
-`schedtune` CLI has; and no secret value may appear in what is rendered.
+schemas in ../shared/k8s-schemas/, made strict; the Ray objects, the shared volumes and the cpu
+overlay's object store must fit together; and commands in the image, the RayJob and
+deploy/README.md must be commands the `schedtune` CLI has. The security side (hardened containers,
+no secret values, the Secrets the README creates, NetworkPolicies, checkov) is
+tests/test_deploy_security.py.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ CRD_SCHEMA_FILES = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.jso
 K8S_VERSION = "1.32"         # a version kubernetes-validate bundles; the kubectl here is 1.32
 NAMESPACE = "schedtune"
 IMAGE_HOME = "/home/ray/schedtune"   # WORKDIR of deploy/Dockerfile: the repository's copy
-SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET|_KEY\b|_KEY_ID\b|CREDENTIAL", re.IGNORECASE)
-CHECKOV_TIMEOUT_S = 300
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -49,9 +49,11 @@ def _kubectl() -> str:
 
 @functools.cache
 def _render_text(overlay: str) -> str:
-    proc = subprocess.run([_kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)],
+    """`kubectl kustomize` of deploy/overlays/<overlay>, or of deploy/base for overlay="base"."""
+    where = "base" if overlay == "base" else f"overlays/{overlay}"
+    proc = subprocess.run([_kubectl(), "kustomize", str(DEPLOY / where)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"kubectl kustomize deploy/overlays/{overlay} failed:\n{proc.stderr}"
+    assert proc.returncode == 0, f"kubectl kustomize deploy/{where} failed:\n{proc.stderr}"
     return proc.stdout
 
 
@@ -260,6 +262,45 @@ def test_ray_pods_share_the_results_and_data_volumes(overlay):
             assert "ReadWriteMany" in claims[claim]["spec"]["accessModes"], claim
 
 
+# --- the artifact store --------------------------------------------------------------------------
+
+def by_name(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_mlflow_artifacts_go_to_a_bucket(overlay):
+    """Both overlays keep MLflow's artifacts in an S3 bucket; the cpu overlay runs the store itself
+    (MinIO): MLflow's endpoint is MinIO's Service and S3 port, the bucket is the one MinIO makes,
+    MinIO's data directory is a claim, and its probes are MinIO's health endpoints."""
+    docs = render(overlay)
+    (config,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"].startswith("mlflow-config")]
+    bucket = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?",
+                          config["MLFLOW_ARTIFACTS_DESTINATION"])
+    assert bucket, f"{overlay}: MLFLOW_ARTIFACTS_DESTINATION is not an s3:// bucket: {config}"
+    if overlay != "cpu":
+        assert "minio" not in by_name(docs, "Deployment") and "MLFLOW_S3_ENDPOINT_URL" not in config
+        return
+    pod = by_name(docs, "Deployment")["minio"]["spec"]["template"]
+    (minio,) = pod["spec"]["containers"]
+    endpoint = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", config["MLFLOW_S3_ENDPOINT_URL"])
+    assert endpoint, f"{config['MLFLOW_S3_ENDPOINT_URL']}: expected http://SERVICE:PORT"
+    service = by_name(docs, "Service")[endpoint.group(1)]["spec"]
+    assert service["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = [p["targetPort"] for p in service["ports"] if p["port"] == int(endpoint.group(2))]
+    assert {p["name"]: p["containerPort"] for p in minio["ports"]}[port] == 9000
+    assert minio["args"][:2] == ["server", "/data"]
+    assert minio["args"][minio["args"].index("--address") + 1] == ":9000"
+    assert {"name": "MINIO_BUCKET", "value": bucket.group(1)} in minio["env"]
+    assert '"local/$MINIO_BUCKET"' in minio["lifecycle"]["postStart"]["exec"]["command"][-1]
+    (data,) = [m["name"] for m in minio["volumeMounts"] if m["mountPath"] == "/data"]
+    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if v["name"] == data]
+    assert claim in by_name(docs, "PersistentVolumeClaim")
+    for probe, path in (("readinessProbe", "/minio/health/ready"), ("livenessProbe", "/minio/health/live")):
+        assert minio[probe]["httpGet"] == {"path": path, "port": "s3"}, probe
+
+
 # --- commands ------------------------------------------------------------------------------------
 
 def console_scripts() -> dict[str, str]:
@@ -292,11 +333,18 @@ def parse_entrypoint(entrypoint: str):
         pytest.fail(f"schedtune rejects the command line {entrypoint!r} (exit {e.code})")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
 def test_rayjob_entrypoint_is_a_schedtune_command(overlay):
+    """Every rendered RayJob runs `schedtune tune ... --address auto`: without --address, tune
+    starts a private local Ray inside the head pod and the RayJob's cluster idles. (The jobs that
+    `schedtune submit` sends pass it too.)"""
+    from tuning.submit import entrypoint
+
+    assert cli_parser().parse_args(shlex.split(entrypoint("x.yaml", {}, None, None))[3:]).address == "auto"
     job = one(render(overlay), "RayJob")
     argv, args = parse_entrypoint(job["spec"]["entrypoint"])
     assert argv[1] == "tune"
+    assert args.address == "auto", f"{overlay}: the RayJob runs `schedtune tune` without --address auto"
     assert args.tracking_uri == "http://mlflow:5000"
     assert args.storage == "/mnt/results"
     assert ("--smoke" in argv) == (overlay == "cpu")
@@ -339,11 +387,39 @@ def test_image_command_is_a_schedtune_command():
         assert argv[1] in subcommands(cli_parser())
 
 
+def check_python_tag(tag: str) -> None:
+    """The image's Python (rayproject/ray's `pyXY` tag part) is one the project declares
+    (requires-python) and one the pinned Ray release supports (its wheel's classifiers)."""
+    from importlib.metadata import metadata, version
+
+    from packaging.specifiers import SpecifierSet
+
+    m = re.fullmatch(r"py3(\d+)", tag)
+    assert m, f"deploy/Dockerfile: PYTHON_TAG={tag!r}, expected py3XY"
+    python = f"3.{m.group(1)}"
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert python in SpecifierSet(requires), \
+        f"deploy/Dockerfile builds on Python {python}, but pyproject.toml requires-python is {requires!r}"
+    assert version("ray") == pinned_ray_version(), "the installed ray is not the pinned one"
+    supported = {c.rsplit(" :: ", 1)[1] for c in metadata("ray").get_all("Classifier")
+                 if c.startswith("Programming Language :: Python :: 3.")}
+    assert python in supported, f"ray {version('ray')} supports Python {sorted(supported)}, not {python}"
+
+
+def test_python_tag_check_fails_on_a_python_the_project_does_not_declare():
+    check_python_tag("py311")
+    for tag in ("py39", "py27", "3.11"):
+        with pytest.raises(AssertionError):
+            check_python_tag(tag)
+
+
 def test_image_is_the_pinned_ray_image_and_not_root():
     instructions = dockerfile_instructions()
     args = dict(arg.split("=", 1) for op, arg in instructions if op == "ARG" and "=" in arg)
     assert args["RAY_VERSION"] == pinned_ray_version()
-    assert args["PYTHON_TAG"] == "py311"
+    check_python_tag(args["PYTHON_TAG"])
+    readme = (DEPLOY / "README.md").read_text()
+    assert f"rayproject/ray:{args['RAY_VERSION']}-{args['PYTHON_TAG']}-<variant>" in readme
     (base,) = [arg for op, arg in instructions if op == "FROM"]
     assert base.startswith("rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${RAY_VARIANT}")
     users = [arg for op, arg in instructions if op == "USER"]

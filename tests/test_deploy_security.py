@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_deploy import (CHECKOV_TIMEOUT_S, DEPLOY, OVERLAYS, REPO, SECRETISH, _render_text, pod_specs,
-                               ray_pod_specs, render, walk)
+from tests.test_deploy import DEPLOY, OVERLAYS, REPO, _render_text, pod_specs, ray_pod_specs, render, walk
+
+SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET|_KEY\b|_KEY_ID\b|CREDENTIAL", re.IGNORECASE)
+CHECKOV_TIMEOUT_S = 300
 
 
 # --- hardening and secrets -----------------------------------------------------------------------
@@ -137,10 +139,29 @@ def test_readme_creates_every_secret_the_manifests_read(overlay):
 
 # --- network policies ----------------------------------------------------------------------------
 
+def test_minio_reads_its_root_account_from_secret_files():
+    """The cpu overlay's MinIO takes its root account (MLflow's S3 keys) from the Secret MLflow reads
+    them from, mounted as files (MINIO_ROOT_*_FILE), never from environment variables."""
+    pods = pod_specs(render("cpu"))
+    (minio,) = pods["Deployment/minio"]["containers"]
+    env = {e["name"]: e for e in minio["env"]}
+    assert not {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"} & set(env)
+    mounts = {m["name"]: m for m in minio["volumeMounts"]}
+    files = {f"{mounts[v['name']]['mountPath']}/{item['path']}": (v["secret"]["secretName"], item["key"])
+             for v in pods["Deployment/minio"]["volumes"]
+             if "secret" in v and mounts[v["name"]].get("readOnly") for item in v["secret"]["items"]}
+    mlflow = {e["name"]: e for e in pods["Deployment/mlflow"]["containers"][0]["env"]}
+    for file_var, s3_var in (("MINIO_ROOT_USER_FILE", "AWS_ACCESS_KEY_ID"),
+                             ("MINIO_ROOT_PASSWORD_FILE", "AWS_SECRET_ACCESS_KEY")):
+        ref = mlflow[s3_var]["valueFrom"]["secretKeyRef"]
+        assert files.get(env[file_var]["value"]) == (ref["name"], ref["key"]), \
+            f"{file_var} is not MLflow's {s3_var}"
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policies(overlay):
-    policies = {d["metadata"]["name"]: d["spec"] for d in render(overlay)
-                if d["kind"] == "NetworkPolicy"}
+    docs = render(overlay)
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
     deny = [p for p in policies.values() if p["podSelector"] == {} and "ingress" not in p]
     assert deny and "Ingress" in deny[0]["policyTypes"], "no default deny of ingress"
 
@@ -167,6 +188,14 @@ def test_network_policies(overlay):
     assert [pt["port"] for pt in mlflow["ports"]] == [5000]
     assert {"podSelector": {"matchLabels": ray}} in mlflow["from"]
     assert all("podSelector" in peer or "namespaceSelector" in peer for peer in mlflow["from"])
+    # The object store (cpu overlay: MinIO) answers MLflow only, on its S3 port; Ray pods never reach it.
+    store = rules_for({"app.kubernetes.io/name": "minio"})
+    if any(d["kind"] == "Deployment" and d["metadata"]["name"] == "minio" for d in docs):
+        mlflow_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
+        assert [r["from"] for r in store] == [[mlflow_pods]]
+        assert [pt["port"] for pt in store[0]["ports"]] == [9000]
+    else:
+        assert not store, f"{overlay}: a MinIO policy without MinIO"
 
 
 # --- checkov -------------------------------------------------------------------------------------
