@@ -12,8 +12,9 @@ from tests.conftest import ROOT
 from tuning.cli import build_parser, overrides
 from tuning.experiment import ResourceError, max_concurrent, trial_demand
 from tuning.space import load_spec
-from tuning.tracking import (FAILED, MLflowTracker, TrackingError, best_and_last, check_tracking, end_state,
-                             find_checkpoints, resolve_tracking_uri, training_metrics)
+from tuning.backend import TrackingError, check_tracking, resolve_tracking_uri
+from tuning.checkpoints import best_and_last, find_checkpoints
+from tuning.tracking import FAILED, MLflowTracker, end_state, training_metrics
 
 QUICK = ROOT / "search_spaces/quickstart.yaml"
 
@@ -141,8 +142,38 @@ def test_tracker_buffers_through_an_outage_and_sends_once_back(capsys):
     tracker.flush()
     (run_id, metrics), = client.batches
     assert run_id == "run1" and sorted((m.step, m.value) for m in metrics) == [(1, 0.6), (2, 0.7)]
-    assert tracker._buffer["t_00000"] == []
+    assert not tracker._buffer.get("t_00000")
     assert tracker._safe("x", lambda: 1 / 0) is FAILED
+
+
+def test_tracker_sends_metrics_from_its_own_thread_not_from_tunes_loop(monkeypatch):
+    """Tune's report() waits for the driver's callbacks: a send there would stall every trial."""
+    import threading
+    import time
+
+    import tuning.tracking as tracking
+
+    class Recorder:
+        sends: list = []
+
+        def log_batch(self, run_id, metrics=(), **kw):
+            self.sends.append((threading.current_thread().name, run_id, [m.step for m in metrics]))
+
+    monkeypatch.setattr(tracking, "FLUSH_EVERY_S", 0.05)
+    tracker = MLflowTracker(load_spec(QUICK), "http://127.0.0.1:9", "/tmp/x", "/tmp/x/train")
+    tracker._client = client = Recorder()
+    tracker._children["t_00000"] = "run1"
+    tracker._start_sender()
+    try:
+        for epoch in range(1, 21):
+            tracker.on_trial_result(0, [], _Trial(), {"epoch": epoch, "val_acc": 0.5})
+        deadline = time.monotonic() + 10
+        while sum(len(steps) for *_, steps in client.sends) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        tracker._stop.set()
+    assert {(name, run) for name, run, _ in client.sends} == {("schedtune-mlflow", "run1")}
+    assert sorted(step for *_, steps in client.sends for step in steps) == list(range(1, 21))   # each once
 
 
 def test_best_and_last_checkpoints(tmp_path):
@@ -260,7 +291,7 @@ def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path, monkey
     """Not MLflow's default ./mlruns of whatever directory the command ran in."""
     import mlflow
 
-    from tuning.tracking import experiment_id
+    from tuning.backend import experiment_id
 
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()

@@ -211,10 +211,10 @@ def _terminate(signum, frame):
 
 def main(argv: Optional[list[str]] = None) -> int:
     from training.config import ConfigError
+    from tuning.backend import TrackingError
     from tuning.experiment import ResourceError
     from tuning.space import SpaceError
     from tuning.storage import StorageError
-    from tuning.tracking import TrackingError
 
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)  # run the finally blocks that stop what we started

@@ -88,7 +88,7 @@ def ensemble_experiment(name: str, top_k: int, tracking_uri: Optional[str] = Non
     from training.ensemble import evaluate_ensemble
     from tuning.register import trial_model
     from tuning.runs import trial_runs
-    from tuning.tracking import resolve_tracking_uri
+    from tuning.backend import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     parent, children = trial_runs(name, uri)

@@ -163,7 +163,7 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
     Everything that can be wrong is checked before Ray starts: the tracking backend, the
     storage, the cluster's room for one trial (after Ray starts, before any trial).
     """
-    from tuning.tracking import check_tracking, resolve_tracking_uri
+    from tuning.backend import check_tracking, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking(uri)

@@ -231,7 +231,7 @@ def cmd_export(args: argparse.Namespace, out: Callable[[str], None] = print) -> 
     from training.config import DataConfig
     from training.data import load_data
     from tuning.register import trial_model
-    from tuning.tracking import resolve_tracking_uri
+    from tuning.backend import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per checkpoint file
     uri = resolve_tracking_uri(args.tracking_uri)

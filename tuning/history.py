@@ -90,7 +90,7 @@ def load_experiment(name: str, tracking_uri: Optional[str] = None) -> Optional[E
 
     from tuning.runs import trial_runs
     from tuning.space import load_spec
-    from tuning.tracking import resolve_tracking_uri
+    from tuning.backend import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")   # a bar per small file otherwise
     uri = resolve_tracking_uri(tracking_uri)

@@ -60,7 +60,7 @@ class RecipeLog:
         def start():
             import mlflow
 
-            from tuning.tracking import experiment_id
+            from tuning.backend import experiment_id
 
             self.client = mlflow.MlflowClient(self.uri)
             name = self.spec.options.name
@@ -119,7 +119,7 @@ class Recipe:
                  top_k: int = TOP_K, coarse_epochs: int = COARSE_EPOCHS, coarse_samples: Optional[int] = None,
                  refine_epochs: Optional[int] = None, lr: Optional[float] = None,
                  lrs: Optional[Sequence[float]] = None, out: Callable[[str], None] = print):
-        from tuning.tracking import resolve_tracking_uri
+        from tuning.backend import resolve_tracking_uri
 
         self.spec, self.dir, self.out = spec, Path(out_dir), out
         self.uri = resolve_tracking_uri(tracking_uri)
@@ -132,7 +132,7 @@ class Recipe:
         self.log = RecipeLog(spec, self.uri, out)
 
     def run(self, steps: Sequence[str] = STEPS) -> dict[str, StepResult]:
-        from tuning.tracking import check_tracking
+        from tuning.backend import check_tracking
 
         check_tracking(self.uri)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from tuning.tracking import resolve_tracking_uri
+from tuning.backend import resolve_tracking_uri
 
 
 def trial_runs(name: str, tracking_uri: Optional[str] = None):

@@ -5,8 +5,11 @@ parent run per invocation (``--resume`` reuses it); one child run per trial
 (``mlflow.parentRunId``) with the trial's flattened TrainConfig as params, per-epoch metrics
 (step = epoch), a tag saying how the trial ended, and its best and last checkpoints as
 artifacts. Runs are found again by tags (``schedtune.run_dir``, ``schedtune.trial_id``), so a
-resumed experiment never duplicates them. Metrics are buffered and sent in batches; a tracking
-server that goes away is retried at the next flush and never fails a trial.
+resumed experiment never duplicates them. Metrics are buffered and sent in batches by a thread of
+their own, every ``FLUSH_EVERY_S``: Tune runs callbacks on its event loop, and a function trainable's
+``report()`` waits until the driver has run them, so a send on that path would stall every trial
+(measured in bench/tracking.py). A tracking server that goes away is retried at the next flush and
+never fails a trial.
 """
 from __future__ import annotations
 
@@ -15,17 +18,17 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
 from ray.tune import Callback
 
+from tuning.backend import experiment_id
+from tuning.checkpoints import best_and_last, find_checkpoints
 from tuning.space import ExperimentSpec
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_S = 2.0
 FINAL_RETRY_S = 30.0   # at the end, how long a tracking server that is down gets to come back
 # Keys Tune adds to every result: not training metrics.
@@ -35,49 +38,6 @@ _TUNE_KEYS = {"epoch", "step", "training_iteration", "timestamp", "time_this_ite
 
 FAILED = object()  # what MLflowTracker._safe returns when the call raised
 TRACE_FILE = "trace.json"   # training.checkpoint.TRACE_FILE (not imported: that module imports torch)
-
-
-class TrackingError(RuntimeError):
-    """The tracking backend cannot be used: says which URI and what to do."""
-
-
-def resolve_tracking_uri(uri: Optional[str]) -> str:
-    """``uri``, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (made absolute)."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    return uri
-
-
-def experiment_id(client, uri: str, name: str) -> str:
-    """The MLflow experiment ``name``, created where missing. With a sqlite store its artifacts go
-    beside the database (``<db dir>/mlruns/<run id>``), not into MLflow's default ``./mlruns`` of whatever
-    directory the command happened to run in."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
-def check_tracking(uri: str, timeout_s: float = 10.0) -> None:
-    """Fail fast (before any trial starts) when the tracking backend is unusable."""
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as r:
-                if r.status == 200:
-                    return
-        except Exception as e:
-            raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({e}): start it, or pass "
-                                f"--tracking-uri (default {DEFAULT_TRACKING_URI})") from None
-    elif uri.startswith("sqlite:///"):
-        parent = Path(uri[len("sqlite:///"):]).parent
-        existing = next(p for p in (parent, *parent.parents) if p.exists())   # MLflow makes the rest
-        if not (existing.is_dir() and os.access(existing, os.W_OK)):
-            raise TrackingError(f"cannot write the MLflow database {uri}: {existing} is not a writable directory")
 
 
 def end_state(last: dict[str, Any], errored: bool, epochs: int, scheduler: str) -> str:
@@ -100,41 +60,6 @@ def training_metrics(result: dict[str, Any]) -> dict[str, float]:
             and math.isfinite(v)}
 
 
-def find_checkpoints(path: str) -> list[tuple[str, dict]]:
-    """(directory, meta) of every schedtune checkpoint directly under ``path`` (local or URI)."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = pafs.FileSystem.from_uri(path)
-    except Exception:
-        fs, root = pafs.LocalFileSystem(), path
-    out = []
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return []
-    for info in infos:
-        if info.type != pafs.FileType.Directory:
-            continue
-        try:
-            with fs.open_input_stream(f"{info.path}/meta.json") as f:
-                out.append((info.path, json.loads(f.read())))
-        except (OSError, ValueError):
-            continue
-    return [(p if "://" not in path else path.split("://")[0] + "://" + p, m) for p, m in out]
-
-
-def best_and_last(checkpoints: list[tuple[str, dict]], metric: str, mode: str):
-    """The best-by-metric and the latest of ``find_checkpoints``' results (None when empty)."""
-    if not checkpoints:
-        return None, None
-    last = max(checkpoints, key=lambda c: c[1]["epoch"])
-    scored = [c for c in checkpoints if metric in c[1].get("metrics", {})]
-    sign = 1 if mode == "max" else -1
-    best = max(scored, key=lambda c: sign * c[1]["metrics"][metric]) if scored else last
-    return best, last
-
-
 class MLflowTracker(Callback):
     """Logs an experiment to MLflow from the Tune driver (see the module docstring)."""
 
@@ -155,6 +80,10 @@ class MLflowTracker(Callback):
         self._last_flush = 0.0
         self._warned = False
         self.lost: dict[str, int] = {}
+        self._lock = threading.Lock()       # guards _buffer: Tune's loop appends, the sender takes
+        self._sending = threading.RLock()   # one send at a time (the sender thread, or the driver's flush)
+        self._stop = threading.Event()
+        self._sender: Optional[threading.Thread] = None
 
     # -- plumbing
     @property
@@ -170,7 +99,10 @@ class MLflowTracker(Callback):
         return self._client
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
-        return {**self.__dict__, "_client": None, "_trials": {}, "_pending_end": {}}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_sending", "_stop", "_sender")}
+        with self._lock:
+            state["_buffer"] = {k: list(v) for k, v in self._buffer.items()}
+        return {**state, "_client": None, "_trials": {}, "_pending_end": {}}
 
     def __setstate__(self, state):  # state pickled before a field existed resumes with its default
         self.__init__(state["spec"], state["uri"], state["run_dir"], state["train_storage"])
@@ -210,6 +142,35 @@ class MLflowTracker(Callback):
                 "search": o.search, "num_samples": o.num_samples, "metric": o.metric, "mode": o.mode,
                 "scheduler": o.scheduler.name, "seed": o.seed}.items()])
             self.client.log_text(self.parent_run_id, self.spec.text, "search_space.yaml")
+        self._start_sender()
+
+    def _start_sender(self) -> None:
+        if self._sender is None or not self._sender.is_alive():
+            self._stop.clear()
+            self._sender = threading.Thread(target=self._send_loop, name="schedtune-mlflow", daemon=True)
+            self._sender.start()
+
+    def _send_loop(self) -> None:
+        while not self._stop.wait(FLUSH_EVERY_S):
+            self._send_metrics()
+
+    def _send_metrics(self) -> bool:
+        """Send every buffered metric of the trials that have a run; False when MLflow is down
+        (what was not sent stays buffered, in order, for the next try)."""
+        with self._sending:
+            for trial_id in list(self._buffer):
+                run_id = self._children.get(trial_id)
+                if run_id is None:
+                    continue   # no run yet (it started during an outage): the driver creates it
+                with self._lock:
+                    metrics = self._buffer.pop(trial_id, [])
+                while metrics:  # 1000 per call: MLflow's log_batch limit
+                    if self._safe("log metrics", self.client.log_batch, run_id, metrics=metrics[:1000]) is FAILED:
+                        with self._lock:
+                            self._buffer[trial_id] = metrics + self._buffer.get(trial_id, [])
+                        return False
+                    del metrics[:1000]
+            return True
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if trial.trial_id in self._children:
@@ -250,26 +211,27 @@ class MLflowTracker(Callback):
         if step <= self._logged_upto.get(trial.trial_id, 0):
             return  # logged before an interruption: never twice
         self._final.discard(trial.trial_id)
-        self._buffer.setdefault(trial.trial_id, []).extend(
-            Metric(k, v, now, step) for k, v in training_metrics(result).items())
-        if time.monotonic() - self._last_flush >= FLUSH_EVERY_S:
+        metrics = [Metric(k, v, now, step) for k, v in training_metrics(result).items()]
+        with self._lock:
+            self._buffer.setdefault(trial.trial_id, []).extend(metrics)
+        # The sender thread sends it. Only what needs the driver waits here for a flush: a run to
+        # create for a trial that started while MLflow was down, trial endings that fell in an outage.
+        if ((self._pending_end or trial.trial_id not in self._children)
+                and time.monotonic() - self._last_flush >= FLUSH_EVERY_S):
             self.flush()
 
     def flush(self) -> None:
+        """Send everything now, from the driver: late trial runs, metrics, pending trial endings."""
         self._last_flush = time.monotonic()
-        for trial_id, metrics in list(self._buffer.items()):
-            if metrics and trial_id not in self._children and trial_id in self._trials:
-                self.on_trial_start(0, [], self._trials[trial_id])  # it started while MLflow was down
-            run_id = self._children.get(trial_id)
-            if not metrics or run_id is None:
-                continue
-            while metrics:  # 1000 per call: MLflow's log_batch limit
-                if self._safe("log metrics", self.client.log_batch, run_id, metrics=metrics[:1000]) is FAILED:
-                    return  # still down: keep the rest buffered for the next flush
-                del metrics[:1000]
-        for trial, errored in list(self._pending_end.values()):  # ends that fell in an outage
-            if not self._finish_trial(trial, errored):
-                return
+        with self._sending:
+            for trial_id in [t for t, m in list(self._buffer.items()) if m]:
+                if trial_id not in self._children and trial_id in self._trials:
+                    self.on_trial_start(0, [], self._trials[trial_id])  # it started while MLflow was down
+            if not self._send_metrics():
+                return  # still down: the rest stays buffered for the next flush
+            for trial, errored in list(self._pending_end.values()):  # ends that fell in an outage
+                if not self._finish_trial(trial, errored):
+                    return
 
     def _end_trial(self, trial, errored: bool) -> None:
         self._trials[trial.trial_id] = trial
@@ -374,6 +336,9 @@ class MLflowTracker(Callback):
         """Close the parent run: results table, best trial, registered model. A server that is
         down gets ``FINAL_RETRY_S`` to come back before anything is reported lost."""
         deadline = time.monotonic() + FINAL_RETRY_S
+        self._stop.set()
+        if self._sender is not None:
+            self._sender.join()
         self.flush()
         while (self._pending_end or any(self._buffer.values())) and time.monotonic() < deadline:
             time.sleep(2.0)

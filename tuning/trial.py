@@ -75,7 +75,7 @@ def resolve_pretrained(cfg: TrainConfig, storage: str, tracking_uri: Optional[st
     if not (p and p.startswith(MLFLOW_PREFIX)):
         return cfg
     from tuning.register import fetch_pretrained
-    from tuning.tracking import resolve_tracking_uri
+    from tuning.backend import resolve_tracking_uri
 
     path = fetch_pretrained(p[len(MLFLOW_PREFIX):], resolve_tracking_uri(tracking_uri), f"{storage}/pretrained")
     return cfg.with_updates({"model.pretrained": path})
