@@ -214,6 +214,8 @@ class MLflowTracker(Callback):
         metrics = [Metric(k, v, now, step) for k, v in training_metrics(result).items()]
         with self._lock:
             self._buffer.setdefault(trial.trial_id, []).extend(metrics)
+        if self._sender is None and self.parent_run_id:   # restored by --resume: set-up may not have run
+            self._start_sender()
         # The sender thread sends it. Only what needs the driver waits here for a flush: a run to
         # create for a trial that started while MLflow was down, trial endings that fell in an outage.
         if ((self._pending_end or trial.trial_id not in self._children)
