@@ -47,10 +47,13 @@ def with_change(path: str, value):
 def test_every_shipped_file_validates(path):
     spec = load_spec(path)
     assert spec.space, "a shipped experiment searches something"
-    for dist in spec.space.values():
-        for v in dist.extremes():
-            spec.trial_config({k: (d.args[0] if d.kind in ("choice", "grid") else d.args[0])
-                               for k, d in spec.space.items()})
+    first = {k: (0 if k in spec.indexed_choices else d.args[0]) for k, d in spec.space.items()}
+    for key, dist in spec.space.items():   # every extreme of every entry makes a valid TrainConfig
+        for i, v in enumerate(dist.extremes()):
+            cfg = spec.trial_config({**first, key: i if key in spec.indexed_choices else v})
+            assert type(cfg).from_dict(cfg.to_dict()) == cfg
+            if not isinstance(v, dict):
+                assert cfg.flat()[key] == v, (key, v)
 
 
 def test_shipped_set_is_complete():
