@@ -3,9 +3,10 @@
 One module-scoped head (``ray start --head`` through LocalCluster: its own temp dir and ports,
 2 CPUs, ``RAY_AUTH_MODE=token`` and a random ``RAY_AUTH_TOKEN`` in its environment) serves every
 integration test: the job API refuses requests without the token or with a wrong one (raw HTTP,
-the Python API, the CLI: exit 2, one line, never the token); the smoke quickstart submitted
-through the Python API runs to SUCCEEDED and its trials are in MLflow; ``schedtune jobs`` lists it
-and ``schedtune stop`` stops a second submission. A few fast tests need no cluster.
+the Python API, the CLI: exit 2, one line); the smoke quickstart submitted through the Python API
+(once, a module fixture) runs to SUCCEEDED and its trials are in MLflow; ``schedtune jobs`` lists it
+and ``schedtune stop`` stops a second submission. No output, job log, job entrypoint, runtime
+environment or metadata these tests see contains the token. A few fast tests need no cluster.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import yaml
 
 from tuning.cluster import LocalCluster
 from tuning.space import SpaceError
-from tuning.submit import SubmitError, _interrupted, entrypoint, list_jobs, submit_experiment
+from tuning.submit import SubmitError, SubmitResult, _client, _interrupted, entrypoint, list_jobs, submit_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
@@ -45,7 +46,6 @@ class Head:
     address: str        # the GCS, for ray.init
     token: str
     tmp: Path
-    first_job: dict
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +54,49 @@ def head(tmp_path_factory):
     cluster = LocalCluster(num_cpus=2, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
     cluster.start()
     try:
-        yield Head(cluster.dashboard_url, cluster.address, token, tmp_path_factory.mktemp("submit"), {})
+        yield Head(cluster.dashboard_url, cluster.address, token, tmp_path_factory.mktemp("submit"))
     finally:
         cluster.stop()
+
+
+def _hold_token(mp: pytest.MonkeyPatch, head: Head) -> None:
+    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN", head.token)
 
 
 @pytest.fixture
 def auth(head, monkeypatch):
     """This process holds the cluster's token, as a user who set it up would."""
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
+    _hold_token(monkeypatch, head)
     return head
+
+
+@dataclass
+class FirstJob:
+    result: SubmitResult
+    log: str            # everything submit_experiment streamed: our lines and the job's own log
+    uri: str            # its MLflow
+    info: str           # the job as everyone who can list jobs sees it: entrypoint, runtime env, metadata
+
+
+@pytest.fixture(scope="module")
+def first_job(head) -> FirstJob:
+    """The smoke quickstart submitted through the Python API and followed to its end, once for
+    the tests that check it ran and that `schedtune jobs` lists it."""
+    uri = f"sqlite:///{head.tmp}/mlflow.db"
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        _hold_token(mp, head)
+        r = submit_experiment(QUICKSTART, head.url, overrides=SMOKE, storage=str(head.tmp / "results"),
+                              tracking_uri=uri, out=lines.append)
+        info = _client(head.url).get_job_info(r.submission_id)
+    return FirstJob(r, "\n".join(lines), uri, repr(info))
+
+
+def no_token(head: Head, *texts: str) -> None:
+    for text in texts:
+        assert head.token not in text, "the token leaked"
 
 
 def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -144,7 +175,7 @@ def test_the_job_api_refuses_requests_without_the_token(head):
         except urllib.error.HTTPError as e:
             return e.code
 
-    assert get({}) in (401, 403)
+    assert get({}) == 401          # Ray 2.60: missing token 401, wrong token 403 (docs/security.md)
     assert get({"Authorization": f"Bearer {secrets.token_hex(16)}"}) == 403
     assert get({"Authorization": f"Bearer {head.token}"}) == 200
 
@@ -153,8 +184,9 @@ def test_the_job_api_refuses_requests_without_the_token(head):
 def test_python_api_without_or_with_a_wrong_token_is_a_clear_error(head, monkeypatch, tmp_path):
     for var in AUTH_VARS:
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(SubmitError, match="requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"):
+    with pytest.raises(SubmitError, match="requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN") as e:
         submit_experiment(QUICKSTART, head.url, overrides=SMOKE, wait=False)
+    no_token(head, str(e.value))
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)   # present but not sent: auth mode is off here
     with pytest.raises(SubmitError, match="requires a token") as e:
@@ -167,6 +199,7 @@ def test_python_api_without_or_with_a_wrong_token_is_a_clear_error(head, monkeyp
     with pytest.raises(SubmitError, match="rejected the token") as e:
         list_jobs(head.url)
     assert wrong not in str(e.value)
+    no_token(head, str(e.value))
 
     # a token file (RAY_AUTH_TOKEN_PATH) works when RAY_AUTH_TOKEN is unset; a missing one is an error
     monkeypatch.delenv("RAY_AUTH_TOKEN")
@@ -175,16 +208,18 @@ def test_python_api_without_or_with_a_wrong_token_is_a_clear_error(head, monkeyp
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
     assert isinstance(list_jobs(head.url), list)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
-    with pytest.raises(SubmitError, match="no usable token"):
+    with pytest.raises(SubmitError, match="no usable token") as e:
         list_jobs(head.url)
+    no_token(head, str(e.value))
 
 
 @cluster_test
 def test_an_unreachable_address_is_a_clear_error_whatever_the_environment_says(auth, monkeypatch):
     # JobSubmissionClient would silently prefer $RAY_API_SERVER_ADDRESS over the address given
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", auth.url)
-    with pytest.raises(SubmitError, match=r"cannot reach the Ray job API at http://127\.0\.0\.1:1\b"):
+    with pytest.raises(SubmitError, match=r"cannot reach the Ray job API at http://127\.0\.0\.1:1\b") as e:
         list_jobs("http://127.0.0.1:1")
+    no_token(auth, str(e.value))
 
 
 @cluster_test
@@ -209,22 +244,19 @@ def test_cli_errors_exit_2_on_one_line_and_never_show_the_token(head):
 
 
 @cluster_test
-def test_submitted_smoke_experiment_succeeds_and_its_trials_are_in_mlflow(auth):
+def test_submitted_smoke_experiment_succeeds_and_its_trials_are_in_mlflow(head, first_job):
     import mlflow
 
-    uri = f"sqlite:///{auth.tmp}/mlflow.db"
-    lines: list[str] = []
-    t0 = time.monotonic()
-    r = submit_experiment(QUICKSTART, auth.url, overrides=SMOKE, storage=str(auth.tmp / "results"),
-                          tracking_uri=uri, out=lines.append)
-    log = "\n".join(lines)
+    r, log, uri = first_job.result, first_job.log, first_job.uri
     assert r.status == "SUCCEEDED", log[-3000:]
+    no_token(head, log, first_job.info, repr(r))
+    assert f"submitted job {r.submission_id} (digits-quickstart) to {head.url}" in log
+    assert f"job {r.submission_id}: SUCCEEDED" in log
     assert r.submission_id.startswith("schedtune-digits-quickstart-") and len(r.submission_id.rsplit("-", 1)[1]) == 8
     assert r.metadata["schedtune.experiment"] == "digits-quickstart"
     assert set(r.metadata) == {"schedtune.experiment", "schedtune.user", "schedtune.space_sha256",
                                "schedtune.space_file"}
     assert "digits-quickstart: 2 trials" in log   # the job's own output was streamed to us
-    auth.first_job.update(id=r.submission_id, seconds=time.monotonic() - t0)
 
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("digits-quickstart")
@@ -242,29 +274,45 @@ def test_submitted_smoke_experiment_succeeds_and_its_trials_are_in_mlflow(auth):
 
 
 @cluster_test
-def test_cli_jobs_lists_the_job_and_stop_stops_a_second_one(auth):
+def test_cli_jobs_lists_the_job_and_stop_stops_a_second_one(auth, first_job):
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth.token}
     p = cli("submit", str(QUICKSTART), "--smoke", "--address", auth.url, "--no-wait",
             "--storage", str(auth.tmp / "stopped"), "--tracking-uri", f"sqlite:///{auth.tmp}/stopped.db", env=env)
+    no_token(auth, p.stdout, p.stderr)
     assert p.returncode == 0, p.stderr
     second = p.stdout.strip()
     assert second.startswith("schedtune-digits-quickstart-") and "\n" not in second, p.stdout
+    # stdout is the id alone; our messages (and Ray's upload log lines) go to stderr
+    assert f"submitted job {second} (digits-quickstart) to {auth.url}" in p.stderr.splitlines(), p.stderr
 
     p = cli("stop", second, "--address", auth.url, env=env)
-    assert p.returncode == 0 and f"stopping job {second}" in p.stdout, p.stdout + p.stderr
+    no_token(auth, p.stdout, p.stderr)
+    assert p.returncode == 0 and p.stdout.strip() == f"stopping job {second}", p.stdout + p.stderr
     deadline = time.monotonic() + 90
     while (status := {j["id"]: j["status"] for j in list_jobs(auth.url)}[second]) != "STOPPED":
         assert status not in ("SUCCEEDED", "FAILED") and time.monotonic() < deadline, status
         time.sleep(1)
+    client = _client(auth.url)
+    no_token(auth, client.get_job_logs(second), repr(client.get_job_info(second)))
+
+    p = cli("stop", second, "--address", auth.url, env=env)   # it has ended: says so, exit 0
+    no_token(auth, p.stdout, p.stderr)
+    assert p.returncode == 0 and p.stdout.strip() == f"job {second} had already ended", p.stdout + p.stderr
+    p = cli("stop", "schedtune-x-00000000", "--address", auth.url, env=env)   # no such job: exit 2, one line
+    no_token(auth, p.stdout, p.stderr)
+    assert p.returncode == 2 and p.stderr.startswith("schedtune stop: error: the Ray job API at "), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
     p = cli("jobs", "--address", auth.url, env=env)
+    no_token(auth, p.stdout, p.stderr)
     assert p.returncode == 0, p.stderr
-    rows = {line.split()[0]: line.split() for line in p.stdout.splitlines()[1:]}
-    assert p.stdout.splitlines()[0].split() == ["ID", "STATUS", "EXPERIMENT", "USER", "START"]
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "EXPERIMENT", "USER", "START"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    first = first_job.result.submission_id
     assert rows[second][1:3] == ["STOPPED", "digits-quickstart"]
-    if auth.first_job:
-        assert rows[auth.first_job["id"]][1:3] == ["SUCCEEDED", "digits-quickstart"]
-    assert auth.token not in p.stdout + p.stderr
+    assert rows[first][1:3] == ["SUCCEEDED", "digits-quickstart"]
+    assert list(rows).index(first) < list(rows).index(second)   # oldest first
 
 
 @cluster_test
