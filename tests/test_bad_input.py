@@ -170,20 +170,21 @@ def test_cli_exits_2_naming_the_key_and_starts_nothing(tmp_path, nothing_starts,
         check_error(err[len(f"schedtune {command}: error: "):], ms, str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="tuning/space.py _load_yaml: YAML that PyYAML fails on with ValueError "
-                                       "(a bad date, !!int abc), RecursionError (deep nesting) or a file that is "
-                                       "not UTF-8 escapes as a traceback with exit 1")
-@pytest.mark.parametrize("content", [b"train: {epochs: 2001-13-45}\n", b"train: {epochs: !!int abc}\n",
-                                     b"train: {epochs: " + b"[" * 5000 + b"]" * 5000 + b"}\n",
-                                     b"\xff\xfe experiment: {}\n"], ids=["date", "tag", "deep", "latin1"])
-def test_yaml_the_parser_chokes_on_is_a_keyed_error(tmp_path, nothing_starts, capsys, content):
+@pytest.mark.parametrize("content,says", [
+    (b"train: {epochs: 2001-13-45}\n", "valid YAML values"), (b"train: {epochs: !!int abc}\n", "valid YAML values"),
+    (b"train: {epochs: " + b"[" * 5000 + b"]" * 5000 + b"}\n", "nested less deeply"),
+    (b"\xff\xfe experiment: {}\n", "UTF-8 text"),
+    (b"train: {epochs: 2}\ntrain: {epochs: 3}\n", "found duplicate key 'train'")],
+    ids=["date", "tag", "deep", "latin1", "duplicate"])
+def test_yaml_the_parser_chokes_on_is_a_keyed_error(tmp_path, nothing_starts, capsys, content, says):
     path = tmp_path / "space.yaml"
     path.write_bytes(content)
     try:
         code = cli.main(["validate", str(path)])
     except (ValueError, RecursionError) as e:
         pytest.fail(f"escaped as {type(e).__name__}: {e}"[:300])
-    assert code == 2 and capsys.readouterr().err.startswith(f"schedtune validate: error: {path}: ")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"schedtune validate: error: {path}: ") and says in err, err
 
 
 # ----------------------------------------------------------------------------- a real `schedtune tune` process

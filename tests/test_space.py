@@ -193,3 +193,8 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert _set_pair("train.optim.base_lr=3e-2") == ("train.optim.base_lr", 0.03)
     with pytest.raises(SpaceError, match=r"train.optim.base_lr: got '1e-1'.*a finite number"):
         load_spec(write(tmp_path, p.read_text().replace("base_lr: 1e-1", "base_lr: '1e-1'")))
+
+
+def test_an_override_outside_the_three_sections_is_an_error_not_ignored():
+    with pytest.raises(SpaceError, match="experment.num_samples.*under experiment., train. or space."):
+        load_spec(SHIPPED[0], {"experment.num_samples": 3})

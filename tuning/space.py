@@ -163,7 +163,18 @@ def _parse_dist(file: str, key: str, spec: Any) -> Dist:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's floats: ``1e-4`` is a number (YAML 1.1, which PyYAML
-    implements, reads it as the string '1e-4' because it lacks a dot)."""
+    implements, reads it as the string '1e-4' because it lacks a dot), and no duplicate keys
+    (PyYAML keeps the last one silently: an edit that never takes effect)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"found duplicate key {key!r}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -186,15 +197,21 @@ def load_yaml(text: str) -> Any:
 def _load_yaml(path: Path) -> tuple[str, Any]:
     file = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpaceError(file, "<file>", None, f"a readable file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SpaceError(file, f"byte {e.start}", None, "UTF-8 text (YAML)") from None
     try:
         return text, load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
         raise SpaceError(file, where, None, f"valid YAML ({getattr(e, 'problem', e)})") from None
+    except (ValueError, TypeError) as e:   # a value PyYAML's constructors refuse: 2001-13-45, !!int abc
+        raise SpaceError(file, "<file>", None, f"valid YAML values ({str(e).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise SpaceError(file, "<file>", None, "YAML nested less deeply (the parser's recursion limit)") from None
 
 
 def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> ExperimentSpec:
@@ -212,6 +229,9 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> E
     if unknown:
         raise SpaceError(file, unknown[0], doc[unknown[0]], "one of the top-level keys experiment, train, space")
     overrides = dict(overrides or {})
+    stray = sorted(k for k in overrides if k.split(".", 1)[0] not in ("experiment", "train", "space"))
+    if stray:
+        raise SpaceError(file, stray[0], overrides[stray[0]], "a dotted key under experiment., train. or space.")
     # Keys under `space` are dotted paths themselves: `space.optim.base_lr` names one entry.
     space_overrides = {k[len("space."):]: overrides.pop(k) for k in list(overrides) if k.startswith("space.")}
     doc = apply_dotted({k: doc.get(k) or {} for k in ("experiment", "train", "space")}, overrides)
