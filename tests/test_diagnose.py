@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from tuning.diagnose import (EXPLODE_FACTOR, KINDS, Diagnosis, diagnose, exploded, moving_average, series,
-                             trend)
+from tuning.diagnose import (EXPLODE_FACTOR, IMPROVING_RATE, KINDS, Diagnosis, diagnose, exploded, moving_average,
+                             series, trend)
 
 
 def h(train_loss, val_loss, train_acc, val_acc):
@@ -64,6 +64,22 @@ def test_exploding_loss_without_nan_is_diverged():
     assert diagnose(h([1.0, math.nan], [1.0, 1.0], [0.5, 0.5], [0.5, 0.5])).kind == "diverged"
     assert exploded([2.3, 2.2, math.inf]) == {"nonfinite_at": 2}
     assert exploded([2.3, 2.0, 1.5, 1.0]) is None
+
+
+def test_underfitting_needs_both_loss_curves_flat():
+    """Close curves and train_acc < 0.9 are underfitting only while neither loss moves IMPROVING_RATE
+    per epoch at the end; a validation loss rising 3.7%/epoch with a 2-point gap is not."""
+    settled = [1.5, 1.2, 1.1, 1.1, 1.1, 1.1]          # the training loss fell, then flat
+    rising = h(settled, [1.10, 1.10, 1.12, 1.16, 1.20, 1.25], [0.62] * 6, [0.60] * 6)
+    rate, _ = trend(series(rising, "val_loss"))
+    assert rate == pytest.approx(0.045 / (3.61 / 3)) and rate > IMPROVING_RATE
+    assert diagnose(rising).kind not in ("underfitting", "overfitting", "still_improving")
+    creeping = h(settled, [1.100, 1.100, 1.100, 1.105, 1.110, 1.115], [0.62] * 6, [0.60] * 6)   # 0.45%/epoch
+    d = diagnose(creeping)
+    assert d.kind == "underfitting" and 0 < d.evidence["val_loss_change_per_epoch"] < IMPROVING_RATE
+    assert d.evidence["train_loss_change_per_epoch"] == 0.0
+    train_falls = h([1.3, 1.25, 1.2, 1.15, 1.1, 1.05], [1.1] * 6, [0.62] * 6, [0.60] * 6)   # ~4%/epoch
+    assert diagnose(train_falls).kind != "underfitting"
 
 
 def test_helpers():

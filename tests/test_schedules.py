@@ -53,6 +53,13 @@ def test_step_schedule_values():
     assert m == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
+def test_step_milestones_are_fractions_of_the_post_warmup_phase():
+    """The README's example: milestones [0.5], 10 warmup steps of 110: the drop is at 10 + 0.5 x 100."""
+    m = multipliers(sched(name="step", milestones=[0.5], gamma=0.1, warmup="linear", warmup_steps=10), 110)
+    assert m[10:60] == [1.0] * 50 and m[60:] == pytest.approx([0.1] * 50)
+    assert multipliers(sched(name="step", milestones=[0.5], gamma=0.1), 110).index(0.1) == 55   # no warmup: of all
+
+
 def test_inverse_sqrt_counts_from_end_of_warmup():
     s = sched(name="inverse_sqrt", warmup="linear", warmup_steps=4, warmup_start_factor=0.0)
     m = multipliers(s, 20)

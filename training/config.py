@@ -218,7 +218,9 @@ class OptimConfig(Section):
 class ScheduleConfig(Section):
     """LR schedule as a multiplier of the peak LR; warmup composes with every schedule."""
     name: Literal["constant", "step", "cosine", "linear", "inverse_sqrt", "cyclic_cosine"] = "constant"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of training
+    # step: where the LR drops, as fractions of the post-warmup phase (the steps after warmup; with no
+    # warmup, of all steps): milestone m is at step W + round(m * (total_steps - W)), W = warmup steps
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1                   # step: factor applied at each milestone
     min_factor: float = 0.0              # cosine / linear / cyclic_cosine: floor as a fraction of peak
     cycles: int = 3                      # cyclic_cosine: number of equal-length warm-restart cycles
@@ -230,7 +232,7 @@ class ScheduleConfig(Section):
     def _validate(self):
         ms = self.milestones
         _check(all(0 < m < 1 for m in ms) and ms == sorted(ms), "milestones", ms,
-               "increasing fractions of training in (0, 1)")
+               "increasing fractions of the post-warmup phase (the steps after warmup) in (0, 1)")
         _check(0 < self.gamma <= 1, "gamma", self.gamma, "a number in (0, 1]")
         _check(0 <= self.min_factor < 1, "min_factor", self.min_factor, "a number in [0, 1)")
         _check(self.cycles >= 1, "cycles", self.cycles, ">= 1")
@@ -268,9 +270,11 @@ class ScalingConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0         # only when use_gpu
-    sync_batchnorm: bool = False         # default: BN statistics stay per worker (Goyal et al.)
+    sync_batchnorm: bool = False         # default: BN statistics stay per worker (Goyal et al.); GPU only
 
     def _validate(self):
+        _check(not self.sync_batchnorm or self.use_gpu, "sync_batchnorm", self.sync_batchnorm,
+               "false unless use_gpu is true (torch's SyncBatchNorm runs on GPUs only)")
         _check(self.num_workers >= 1, "num_workers", self.num_workers, ">= 1")
         _check(self.batch_per_worker >= 1, "batch_per_worker", self.batch_per_worker, ">= 1")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, ">= 1")
@@ -286,7 +290,7 @@ class ScalingConfig(Section):
 @dataclass(kw_only=True)
 class CheckpointConfig(Section):
     """What the loop keeps: the latest and the best-by-``metric`` checkpoints."""
-    every_epochs: int = 1
+    every_epochs: int = 1                # a checkpoint every N epochs, at the last, and at every new best
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
 

@@ -20,11 +20,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from training import checkpoint as ckpt
 from training.config import TrainConfig
-from training.data import DataBundle, load_data
+from training.data import DataBundle, Uint8Images, load_data
 from training.ensemble import cycle_end_steps, snapshot, snapshot_ensemble
 from training.models import apply_transfer, build_model
 from training.optim import build_optimizer
@@ -39,7 +39,7 @@ class Diverged(RuntimeError):
     """The loss or gradient became NaN/Inf: training stopped at ``step`` with learning rate ``lr``."""
 
     def __init__(self, step: int, lr: float, value: float, what: str = "gradient norm"):
-        self.step, self.lr, self.value = step, lr, value
+        self.step, self.lr, self.value, self.what = step, lr, value, what
         super().__init__(f"diverged at step {step} (lr {lr:.4g}): {what} is {value}")
 
 
@@ -103,11 +103,7 @@ def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
     data = load_data(cfg.data)
     plan = plan_steps(cfg, len(data.train))
-    core = build_model(cfg.model, data.num_classes, data.input_shape,
-                       stochastic_depth=cfg.regularization.stochastic_depth)
-    _, head = apply_transfer(core, cfg.model)
-    if cfg.scaling.sync_batchnorm and world > 1:
-        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    core, head = _build_model(cfg, data, world)
     core.to(device)
     model = core
     if world > 1:
@@ -127,13 +123,55 @@ def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
     return run
 
 
-def _loader(run: _Run, epoch: int) -> DataLoader:
+def _build_model(cfg: TrainConfig, data: DataBundle, world: int) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The bare model (transfer mode applied) and its head's parameters. BN statistics stay per
+    worker unless ``scaling.sync_batchnorm`` (GPU only) and there is more than one worker."""
+    core = build_model(cfg.model, data.num_classes, data.input_shape,
+                       stochastic_depth=cfg.regularization.stochastic_depth)
+    _, head = apply_transfer(core, cfg.model)
+    if cfg.scaling.sync_batchnorm and world > 1:
+        core = nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    return core, head
+
+
+def _sampler(run: _Run, epoch: int) -> DistributedSampler:
+    """This worker's shard of the training set for ``epoch``: disjoint across workers (no padding
+    repeats), a new permutation every epoch."""
     rank, world = _world()
     sampler = DistributedSampler(run.data.train, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=run.cfg.seed, drop_last=True)  # disjoint shards: no padding repeats
-    sampler.set_epoch(epoch)  # a new permutation every epoch, disjoint shards across workers
-    return DataLoader(run.data.train, batch_size=run.cfg.scaling.batch_per_worker, sampler=sampler,
-                      drop_last=True, num_workers=run.cfg.data.loader_workers)
+                                 seed=run.cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+# In-memory datasets whose ``ds[list_of_indices]`` is the whole batch, equal to stacking the items.
+BATCH_INDEXED = (TensorDataset, Uint8Images)
+
+
+def _batches(ds: Dataset, sampler, batch_size: int, drop_last: bool, workers: int) -> DataLoader:
+    """A loader of ``ds`` at the indices ``sampler`` yields, ``batch_size`` at a time, in order.
+
+    A BATCH_INDEXED dataset is indexed once per batch (``ds[indices]``) instead of once per sample
+    and collated: the same samples in the same order, without the per-sample Python work
+    (measured on synthetic data, batch 128: 3.0 -> 0.7 us of CPU per sample).
+    """
+    if isinstance(ds, BATCH_INDEXED):
+        return DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
+                          num_workers=workers)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers)
+
+
+def _loader(run: _Run, epoch: int) -> DataLoader:
+    return _batches(run.data.train, _sampler(run, epoch), run.cfg.scaling.batch_per_worker, True,
+                    run.cfg.data.loader_workers)
+
+
+def _val_loader(run: _Run) -> DataLoader:
+    """The validation set in order, each worker taking a contiguous shard."""
+    rank, world = _world()
+    n = len(run.data.val)
+    return _batches(run.data.val, range(rank * n // world, (rank + 1) * n // world),
+                    max(run.cfg.scaling.batch_per_worker, 256), False, 0)
 
 
 def _update_ratios(run: _Run, before: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -149,6 +187,7 @@ def _weights(run: _Run) -> dict[str, torch.Tensor]:
 def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """One pass over this worker's shard; returns aggregated train metrics."""
     cfg, accum = run.cfg, run.cfg.scaling.grad_accum_steps
+    distributed = _world()[1] > 1
     run.model.train()
     loss_sum = count = norm_sum = micro_loss = 0.0
     correct = torch.zeros((), dtype=torch.long, device=run.device)   # summed on device: no sync per step
@@ -165,8 +204,8 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
         with sync:
             logits = run.model(xm)
             loss = soft_cross_entropy(logits, target, cfg.regularization.label_smoothing)
-            (loss / accum).backward()
-        batch_loss = loss.item()     # the per-step trace needs it anyway: one sync for all three uses
+            ((_poisoned(loss) if distributed else loss) / accum).backward()
+        batch_loss = loss.item()     # the per-step trace needs it anyway: one sync for all its uses
         loss_sum += batch_loss * len(y)
         correct += (logits.argmax(-1) == y).sum()
         count += len(y)
@@ -174,6 +213,8 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
         if not last_micro:
             continue
         lr = run.optimizer.param_groups[-1]["lr"]
+        if not math.isfinite(micro_loss):   # this step's loss (the mean over its micro-batches)
+            raise Diverged(run.step, lr, micro_loss, "loss")
         norm = _grad_norm(params, cfg.optim.grad_clip)
         if not math.isfinite(norm):  # grads are all-reduced: every worker stops at the same step
             raise Diverged(run.step, lr, norm)
@@ -201,6 +242,14 @@ def train_one_epoch(run: _Run, epoch: int) -> dict[str, float]:
             "grad_norm": norm_sum / max(n_steps, 1), "update_ratio": ratio, "samples": count}
 
 
+def _poisoned(loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` with NaN gradients where its value is not finite (an Inf loss can have finite
+    gradients), and exactly ``loss`` (x 1.0) otherwise; no host sync. Under DDP the NaN gradients
+    are all-reduced, so the workers whose own loss is finite stop at the same step (gradient
+    norm NaN) as the one that raises Diverged for its loss: none is left waiting in a collective."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
+
+
 def _grad_norm(params: list[torch.Tensor], clip: Optional[float]) -> float:
     """The global gradient norm, clipped to ``clip`` where set. Without clipping only the norm is
     computed: clip_grad_norm_(..., inf) would also rescale every gradient by 1."""
@@ -222,13 +271,9 @@ def _average(run: _Run) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, run: _Run) -> dict[str, float]:
     """Validation loss/accuracy over the whole val set, each worker taking a contiguous shard."""
-    rank, world = _world()
-    n = len(run.data.val)
-    idx = range(rank * n // world, (rank + 1) * n // world)
-    loader = DataLoader(Subset(run.data.val, idx), batch_size=max(run.cfg.scaling.batch_per_worker, 256))
     model.eval()
     loss_sum = correct = count = 0.0
-    for x, y in loader:
+    for x, y in _val_loader(run):
         x, y = x.to(run.device), y.to(run.device)
         logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
@@ -273,7 +318,8 @@ def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path
         resume_from: str | Path | None = None, device: torch.device | None = None) -> FitResult:
     """Train ``cfg.epochs`` epochs (or what remains after ``resume_from``), reporting each epoch.
 
-    Every worker calls ``report(metrics, checkpoint_dir)``; only rank 0 passes a directory.
+    Every worker calls ``report(metrics, checkpoint_dir)``; only rank 0 passes a directory, on the
+    epochs it saves one (every ``checkpoint.every_epochs``, the last, and every new best).
     ``workdir`` holds the ``latest`` and ``best`` checkpoints (a temp dir when None).
     Raises ``Diverged`` on a NaN/Inf loss or gradient.
     """
@@ -302,7 +348,10 @@ def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path
         if is_best:
             best = dict(metrics)
         directory = None
-        if rank == 0 and ((epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs):
+        # A checkpoint every checkpoint.every_epochs, at the end, and at every new best: the best is
+        # in best/ and among the reported checkpoints, whatever every_epochs says.
+        due = (epoch + 1) % cfg.checkpoint.every_epochs == 0 or epoch + 1 == cfg.epochs
+        if rank == 0 and (due or is_best):
             meta = {"epoch": epoch + 1, "step": run.step, "metrics": metrics, "is_best": is_best,
                     "config": cfg.to_dict(), "class_names": run.data.class_names,
                     "num_classes": run.data.num_classes, "input_shape": list(run.data.input_shape)}

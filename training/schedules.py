@@ -7,7 +7,9 @@ the peak LR (``peak_lr``: the large-batch rule applied to ``optim.base_lr``); th
 
 Warmup is a composition, not a flag inside each schedule: for ``step < W`` the warmup ramp
 applies, and the main schedule runs over the remaining ``T - W`` steps with its own clock
-``t = step - W`` (so milestones are fractions of the post-warmup phase).
+``t = step - W`` (so step milestones are fractions of the post-warmup phase, ``T - W`` steps:
+milestone ``m`` is at step ``W + round(m * (T - W))``; this is torch's
+``SequentialLR([warmup, MultiStepLR], milestones=[W])``).
 
 - linear warmup: ``start + (1 - start) * step / W``; the peak (1.0) is reached exactly at step W.
 - constant warmup: ``start`` for every step < W, then a jump to the main schedule (Goyal et al.).
@@ -28,7 +30,8 @@ def _constant(s: ScheduleConfig, t: int, T: int) -> float:
 
 
 def _step(s: ScheduleConfig, t: int, T: int) -> float:
-    """gamma ** (number of milestones passed); milestone k is at step round(m_k * T)."""
+    """gamma ** (number of milestones passed); milestone k is at ``t = round(m_k * T)``, where ``t``
+    and ``T`` count post-warmup steps (see lr_multiplier)."""
     return s.gamma ** sum(t >= round(m * T) for m in s.milestones)
 
 

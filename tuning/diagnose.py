@@ -13,7 +13,8 @@ back down within one epoch. The checks run in this order; the first that fires i
 2. plateau_at_start the loss did not move from its initial value for the first epochs
 3. overfitting     a large train/val accuracy gap that grows (or a rising validation loss)
 4. still_improving the validation loss still falls at the end
-5. underfitting    the curves are flat and close, and the model does not fit its training set
+5. underfitting    both loss curves flat (|trend| < IMPROVING_RATE) and the accuracies close, and
+                   the model does not fit its training set
 6. healthy         none of the above
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ VAL_LOSS_RISE = 0.10            # ... or the val loss rose 10% above its minimum
 IMPROVING_RATE = 0.01
 TREND_FRACTION, TREND_MIN_POINTS = 0.25, 3
 # Underfitting: a model with enough capacity and little regularization fits its training set
-# (nearly) perfectly; below 90% train accuracy once the curves are flat, it does not.
+# (nearly) perfectly; below 90% train accuracy once the curves are flat (both loss trends within
+# IMPROVING_RATE per epoch, falling or rising), it does not.
 UNDERFIT_TRAIN_ACC = 0.90
 
 
@@ -233,9 +235,16 @@ def _underfitting(history, step_losses, chance) -> Optional[Diagnosis]:
     gaps, train_acc = _gap(history), series(history, "train_acc")
     if len(train_acc) < 2 or train_acc[-1] >= UNDERFIT_TRAIN_ACC or (gaps and abs(gaps[-1]) >= GAP_LARGE):
         return None
-    rate, window = trend(series(history, "val_loss") or series(history, "train_loss"))
-    return Diagnosis("underfitting", {"train_acc": train_acc[-1], "acc_gap": gaps[-1] if gaps else 0.0,
-                                      "val_loss_change_per_epoch": rate, "window_epochs": window},
+    # "Flat": neither curve moves IMPROVING_RATE per epoch at the end, either way (a falling one is
+    # still improving, a rising one is not a model at its capacity).
+    curves = {key: series(history, key) for key in ("train_loss", "val_loss")}
+    rates = {key: trend(values) for key, values in curves.items() if len(values) >= 2}
+    if not rates or any(abs(rate) >= IMPROVING_RATE for rate, _ in rates.values()):
+        return None
+    ev = {"train_acc": train_acc[-1], "acc_gap": gaps[-1] if gaps else 0.0}
+    ev.update({f"{key}_change_per_epoch": rate for key, (rate, _) in rates.items()})
+    ev["window_epochs"] = max(window for _, window in rates.values())
+    return Diagnosis("underfitting", ev,
                      "train and validation curves are flat and close but the model does not fit its own training "
                      "set: a bigger model (model.hidden / model.channels) or less regularization "
                      "(optim.weight_decay, model.dropout, mixup, label smoothing)")
