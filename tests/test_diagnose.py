@@ -73,7 +73,9 @@ def test_underfitting_needs_both_loss_curves_flat():
     rising = h(settled, [1.10, 1.10, 1.12, 1.16, 1.20, 1.25], [0.62] * 6, [0.60] * 6)
     rate, _ = trend(series(rising, "val_loss"))
     assert rate == pytest.approx(0.045 / (3.61 / 3)) and rate > IMPROVING_RATE
-    assert diagnose(rising).kind not in ("underfitting", "overfitting", "still_improving")
+    d = diagnose(rising)
+    assert d.kind not in ("underfitting", "overfitting", "still_improving")
+    assert d.evidence["val_loss_rise"] == pytest.approx(1.25 / 1.10 - 1) and "nothing to fix" not in d.advice
     creeping = h(settled, [1.100, 1.100, 1.100, 1.105, 1.110, 1.115], [0.62] * 6, [0.60] * 6)   # 0.45%/epoch
     d = diagnose(creeping)
     assert d.kind == "underfitting" and 0 < d.evidence["val_loss_change_per_epoch"] < IMPROVING_RATE

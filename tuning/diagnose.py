@@ -259,5 +259,14 @@ def _healthy(history) -> Diagnosis:
     gaps = _gap(history)
     if gaps:
         ev["acc_gap"] = gaps[-1]
-    note = " (one epoch: trends cannot be read yet)" if len(history) < 2 else ""
-    return Diagnosis("healthy", ev, "converged with a small train/val gap: nothing to fix" + note)
+    if len(history) < 2:
+        return Diagnosis("healthy", ev, "a small train/val gap (one epoch: trends cannot be read yet)")
+    val = series(history, "val_loss")
+    rise = (val[-1] / min(val) - 1) if val and min(val) > 0 else 0.0
+    if rise >= VAL_LOSS_RISE:   # not overfitting (the gap is small), but not converged either
+        best = val.index(min(val)) + 1
+        ev.update(val_loss_rise=rise, best_val_loss_epoch=best)
+        return Diagnosis("healthy", ev, f"a small train/val gap, but the validation loss rose {rise:.0%} above its "
+                         f"best (epoch {best}) without the gap growing: the learning rate is likely too high at the "
+                         "end (a decaying schedule, or a lower optim.base_lr); the best epoch's checkpoint is kept")
+    return Diagnosis("healthy", ev, "converged with a small train/val gap: nothing to fix")
