@@ -180,20 +180,10 @@ def trial_period(spec, work: Path, uri: str | None, flush_every_s: float, label:
     blocked = run.results("bench_report_ms")   # [i]: how long the report() of result i - 1 blocked
     waits = [w for w in blocked[2:] if math.isfinite(w)]
     out = {"period_ms": 1000 * median(gaps), "report_ms": sum(waits) / len(waits), "tracker_ms": 0.0,
-           "tracker_max_ms": 0.0, "flush_tracker_ms": None, "flush_report_ms": None, "other_report_ms": None}
+           "tracker_max_ms": 0.0}
     if in_tracker:
         tracked = in_tracker[1:]
-        # Pair the driver's time on result i with how long the trial's report() of result i blocked,
-        # and split the epochs whose result made the tracker flush (> 1 ms) from the others.
-        pairs = [(in_tracker[i], blocked[i + 1]) for i in range(1, min(len(in_tracker), len(blocked) - 1))]
-        flush = [(t, b) for t, b in pairs if t > 1.0]
-        other = [b for t, b in pairs if t <= 1.0]
         out.update(tracker_ms=sum(tracked) / len(tracked), tracker_max_ms=max(tracked))
-        if flush:
-            out.update(flush_tracker_ms=sum(t for t, _ in flush) / len(flush),
-                       flush_report_ms=sum(b for _, b in flush) / len(flush))
-        if other:
-            out["other_report_ms"] = sum(other) / len(other)
     return out
 
 
@@ -231,22 +221,18 @@ def report_critical_path(rep: Report, periods: dict[str, list[dict]], values: di
                 "driver asks for the next result, after it has run every callback on this one. So the driver's "
                 "time in on_trial_result shows up as time the trial's report() blocks; the sender thread's does not, "
                 "except through the driver's CPU and GIL.")
-    rep.table(["tracker", "epoch period ms (median)", "report() blocked ms (mean)", "driver in tracker ms (mean)",
-               "tracker / epoch period", "tracker on flushing results ms", "report() blocked: flushing results ms",
-               "report() blocked: other results ms"],
-              [[k, v["period_ms"], v["report_ms"], v["tracker_ms"], v["tracker_ms"] / v["period_ms"],
-                v["flush_tracker_ms"], v["flush_report_ms"], v["other_report_ms"]] for k, v in mean.items()],
-              f"Over a trial's epochs after the first; {len(periods['no tracker'])} trial(s) per row (averaged). "
-              "Flushing results: those on which the tracker spent > 1 ms (it sent a batch); within one trial, "
-              "report() blocks longer on them by about the tracker's time.")
+    base = mean["no tracker"]["period_ms"]
+    rep.table(["tracker", "epoch period ms (median)", "x no tracker", "report() blocked ms (mean)",
+               "driver in tracker ms (mean)", "driver in tracker ms (max)", "tracker / epoch period"],
+              [[k, v["period_ms"], v["period_ms"] / base, v["report_ms"], v["tracker_ms"], v["tracker_max_ms"],
+                v["tracker_ms"] / v["period_ms"]] for k, v in mean.items()],
+              f"Over a trial's epochs after the first; {len(periods['no tracker'])} trial(s) per row (averaged).")
     for k, v in mean.items():
         if k != "no tracker":
-            key = k.replace(", flush every ", "_every_")
-            key = key.replace(" s", "s").replace(".", "_")
+            key = k.replace(", flush every ", "_every_").replace(" s", "s").replace(".", "_")
             values[f"trial_tracker_ms_{key}"] = v["tracker_ms"]
             values[f"trial_tracker_fraction_{key}"] = v["tracker_ms"] / v["period_ms"]
-            if v["flush_report_ms"] is not None and v["other_report_ms"] is not None:
-                values[f"trial_flush_blocks_ms_{key}"] = v["flush_report_ms"] - v["other_report_ms"]
+            values[f"trial_period_ratio_{key}"] = v["period_ms"] / base
     values["trial_period_ms"] = mean["no tracker"]["period_ms"]
 
 
