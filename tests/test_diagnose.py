@@ -96,6 +96,20 @@ def test_short_histories_and_json():
     one = diagnose(h([1.0], [0.9], [0.6], [0.65]))
     assert one.kind == "healthy" and "one epoch" in one.advice
     assert diagnose([]).kind == "healthy"
+
+
+def test_a_trial_stopped_after_one_epoch_is_read_from_its_steps():
+    """ASHA stops most trials at their first rung: one epoch, but 20+ per-step losses."""
+    one = h([2.29], [2.29], [0.11], [0.10])
+    flat = [2.303 - 0.0005 * i for i in range(22)]            # 0.5% down over the epoch: LR far too low
+    d = diagnose(one, step_losses=flat, num_classes=10)
+    assert d.kind == "plateau_at_start"
+    assert d.evidence["steps"] == 22 and d.evidence["first_steps_loss"] == pytest.approx(2.302)
+    learning = [2.3 * 0.95 ** i for i in range(22)]              # falls 66%: a healthy first epoch
+    assert diagnose(one, step_losses=learning, num_classes=10).kind == "healthy"
+    assert diagnose(one, step_losses=flat[:8], num_classes=10).kind == "healthy"   # too few steps to read
+    pretrained = [0.5] * 22                                   # flat but far below ln C: already learned
+    assert diagnose(one, step_losses=pretrained, num_classes=10).kind == "healthy"
     d = Diagnosis("x", {"a": 0.123456789, "n": 3, "inf": math.inf})
     assert json.loads(d.evidence_json()) == {"a": 0.1235, "n": 3, "inf": "inf"}
     assert len(Diagnosis("x", {f"k{i}": 1.0 for i in range(200)}).evidence_json()) <= 480

@@ -37,6 +37,11 @@ STEP_SMOOTHING = 5
 # measurable (the zero-init MLP on digits moves 0.1%; a healthy run drops >50% in its 2nd epoch).
 PLATEAU_REL = 0.01
 PLATEAU_MIN_EPOCHS = 2          # epochs flat from the start before it counts (one could be noise)
+# A run shorter than that (ASHA stops most trials at their first rung) is read from its per-step
+# losses: smoothed over STEP_SMOOTHING steps, the last quarter of at least PLATEAU_MIN_STEPS steps
+# within 5% of the first steps' loss (minibatch noise is ~2% after smoothing; a healthy first epoch
+# on digits falls > 30%).
+PLATEAU_MIN_STEPS, PLATEAU_STEP_REL = 12, 0.05
 # ... and only near chance: a flat loss below half of ln C is a model that already learned (a
 # pretrained backbone, a resumed run), not an initialization problem.
 PLATEAU_BELOW_CHANCE = 0.5
@@ -172,9 +177,28 @@ def _diverged(history, step_losses, chance) -> Optional[Diagnosis]:
     return None
 
 
+def _plateau_in_steps(step_losses, chance) -> Optional[dict[str, float]]:
+    """Evidence that the per-step loss stayed at its initial value (None when it moved or is too short)."""
+    steps = [float(v) for v in step_losses or [] if _finite(v)]
+    if len(steps) < PLATEAU_MIN_STEPS:
+        return None
+    first = sum(steps[:STEP_SMOOTHING]) / STEP_SMOOTHING
+    tail = steps[-max(STEP_SMOOTHING, len(steps) // 4):]
+    last = sum(tail) / len(tail)
+    if (chance and first < PLATEAU_BELOW_CHANCE * chance) or last < (1 - PLATEAU_STEP_REL) * first:
+        return None
+    return {"steps": len(steps), "first_steps_loss": first, "last_steps_loss": last}
+
+
 def _plateau(history, step_losses, chance) -> Optional[Diagnosis]:
     losses = series(history, "train_loss")
-    if len(losses) < PLATEAU_MIN_EPOCHS or (chance and losses[0] < PLATEAU_BELOW_CHANCE * chance):
+    if len(losses) < PLATEAU_MIN_EPOCHS:
+        ev = _plateau_in_steps(step_losses, chance)
+        if ev is None:
+            return None
+        return Diagnosis("plateau_at_start", {**ev, **({"ln_num_classes": chance} if chance else {})},
+                         _PLATEAU_ADVICE)
+    if chance and losses[0] < PLATEAU_BELOW_CHANCE * chance:
         return None
     flat = 0
     for v in losses:
@@ -189,10 +213,12 @@ def _plateau(history, step_losses, chance) -> Optional[Diagnosis]:
     ratios = series(history, "update_ratio")
     if ratios:
         ev["update_ratio"] = ratios[0]
-    return Diagnosis("plateau_at_start", ev,
-                     "the loss did not move from its initial value: bad initialization (a zero or constant init "
-                     "makes every unit identical and gradients vanish; use the default init, model.init: default) "
-                     "or a learning rate far too low; the update/weight ratio should be ~1e-3")
+    return Diagnosis("plateau_at_start", ev, _PLATEAU_ADVICE)
+
+
+_PLATEAU_ADVICE = ("the loss did not move from its initial value: bad initialization (a zero or constant init "
+                   "makes every unit identical and gradients vanish; use the default init, model.init: default) "
+                   "or a learning rate far too low; the update/weight ratio should be ~1e-3")
 
 
 def _gap(history) -> list[float]:
