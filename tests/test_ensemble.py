@@ -138,13 +138,10 @@ def test_snapshots_survive_resume(tmp_path):
 
 
 def test_snapshot_ensemble_is_aggregated_across_ddp_workers():
-    import torch.multiprocessing as mp
-
-    from tests.test_loop import _ddp_worker, _free_port
+    from tests.test_loop import _spawn
 
     cfg = cfg_with(epochs=2, **{"scaling.num_workers": 2, "schedule.name": "cyclic_cosine", "schedule.cycles": 2})
-    out = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.to_dict(), out), nprocs=2, join=True)
+    out = _spawn("_fit_and_shards", cfg)   # fit() on 2 gloo workers; each rank's history
     last0, last1 = out[0]["history"][-1], out[1]["history"][-1]
     assert last0["snapshot_ensemble_size"] == 2
     for k in ("snapshot_ensemble_val_acc", "snapshot_ensemble_val_loss"):
