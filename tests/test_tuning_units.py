@@ -315,3 +315,25 @@ def test_a_failed_trials_error_is_its_own_exception_not_rays_wrapper():
                            "    raise X\ntuning.trial.WorkerGroupStartError: it needs 2 workers x 0.5 CPU: missing 0.25 CPU")
     assert error_summary(wrapped) == "WorkerGroupStartError: it needs 2 workers x 0.5 CPU: missing 0.25 CPU"
     assert error_summary(ValueError("no type prefix here")) == "no type prefix here"
+
+
+def test_runs_ranks_trials_by_their_best_epoch_and_broken_ones_last(tmp_path):
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from tuning.runs import print_runs
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("runs-test", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, tags={"schedtune.role": "experiment"}).info.run_id
+    client.log_batch(parent, params=[Param("metric", "val_acc"), Param("mode", "max")])
+    for trial, status, curve in (("peaked", "completed", [0.5, 0.95, 0.80]), ("steady", "completed", [0.6, 0.9]),
+                                 ("broken", "diverged", [0.99, float("nan")])):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent, "schedtune.trial_id": trial,
+                                           "schedtune.status": status}).info.run_id
+        client.log_batch(run, metrics=[Metric("val_acc", v, 0, e) for e, v in enumerate(curve, 1)])
+    lines: list[str] = []
+    assert print_runs("runs-test", uri, out=lines.append) == 0
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[-2]) for r in rows] == [("peaked", "0.9500"), ("steady", "0.9000"), ("broken", "-")]

@@ -1,6 +1,7 @@
 """`schedtune runs NAME`: an experiment's trials as MLflow has them."""
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
@@ -34,15 +35,20 @@ def print_runs(name: str, tracking_uri: Optional[str] = None, out=print) -> int:
     metric = parent.data.params.get("metric", "val_acc")
     mode = parent.data.params.get("mode", "max")
     out(f"{name}: run {parent.info.run_id} ({parent.info.status}), {len(children)} trials, metric {metric}")
+    import mlflow
 
-    def last(run):
-        return run.data.metrics.get(metric)
-
+    client = mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
+    pick = max if mode == "max" else min
+    best = {}
+    for r in children:   # the best epoch's value, as the final table ranks trials; none for a broken trial
+        values = [m.value for m in client.get_metric_history(r.info.run_id, metric) if math.isfinite(m.value)]
+        ok = values and r.data.tags.get("schedtune.status") not in ("diverged", "failed")
+        best[r.info.run_id] = pick(values) if ok else None
     sign = -1 if mode == "max" else 1
-    children.sort(key=lambda r: (last(r) is None, sign * (last(r) or 0.0)))
-    out(f"{'trial':<18} {'status':<32} {metric:>10}  run id")
+    children.sort(key=lambda r: (best[r.info.run_id] is None, sign * (best[r.info.run_id] or 0.0)))
+    out(f"{'trial':<18} {'status':<32} {'best ' + metric:>14}  run id")
     for r in children:
-        v = last(r)
+        v = best[r.info.run_id]
         out(f"{r.data.tags.get('schedtune.trial_id', '?'):<18} {r.data.tags.get('schedtune.status', '?'):<32} "
-            f"{'-' if v is None else f'{v:.4f}':>10}  {r.info.run_id}")
+            f"{'-' if v is None else f'{v:.4f}':>14}  {r.info.run_id}")
     return 0
