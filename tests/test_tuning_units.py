@@ -337,3 +337,18 @@ def test_runs_ranks_trials_by_their_best_epoch_and_broken_ones_last(tmp_path):
     assert print_runs("runs-test", uri, out=lines.append) == 0
     rows = [line.split() for line in lines[2:]]
     assert [(r[0], r[-2]) for r in rows] == [("peaked", "0.9500"), ("steady", "0.9000"), ("broken", "-")]
+
+
+def test_optuna_tpe_with_the_same_seed_suggests_the_same_configs():
+    from tuning.experiment import _searcher
+    from tuning.space import to_tune
+
+    def suggestions(seed):
+        spec = load_spec(QUICK, {"experiment.search": "optuna_tpe", "experiment.seed": seed})
+        searcher = _searcher(spec, 4)
+        searcher.set_search_properties(spec.options.metric, spec.options.mode, to_tune(spec))
+        return [searcher.suggest(f"trial_{i}") for i in range(3)]
+
+    first = suggestions(3)
+    assert all(isinstance(s, dict) and "optim.base_lr" in s for s in first)
+    assert first == suggestions(3) and first != suggestions(4)
