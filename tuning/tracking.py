@@ -158,7 +158,9 @@ class MLflowTracker(Callback):
         """Send every buffered metric of the trials that have a run; False when MLflow is down
         (what was not sent stays buffered, in order, for the next try)."""
         with self._sending:
-            for trial_id in list(self._buffer):
+            with self._lock:
+                trial_ids = list(self._buffer)
+            for trial_id in trial_ids:
                 run_id = self._children.get(trial_id)
                 if run_id is None:
                     continue   # no run yet (it started during an outage): the driver creates it
@@ -226,7 +228,9 @@ class MLflowTracker(Callback):
         """Send everything now, from the driver: late trial runs, metrics, pending trial endings."""
         self._last_flush = time.monotonic()
         with self._sending:
-            for trial_id in [t for t, m in list(self._buffer.items()) if m]:
+            with self._lock:
+                waiting = [t for t, m in self._buffer.items() if m]
+            for trial_id in waiting:
                 if trial_id not in self._children and trial_id in self._trials:
                     self.on_trial_start(0, [], self._trials[trial_id])  # it started while MLflow was down
             if not self._send_metrics():
