@@ -15,19 +15,16 @@ from typing import Any, Optional
 EXIT_BAD_INPUT = 2
 
 
-SET_ROOTS = ("experiment", "train", "space")   # the sections of a search-space file
-
-
 def _set_pair(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. train.optim.base_lr=0.05), got {text!r}")
     import yaml
 
-    from tuning.space import load_yaml
+    from tuning.space import SECTIONS, load_yaml
 
     key, value = text.split("=", 1)
     key = key.strip()
-    if key.split(".", 1)[0] not in SET_ROOTS:   # anything else would be silently ignored
+    if key.split(".", 1)[0] not in SECTIONS:   # anything else would be silently ignored
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY under experiment., train. or space. "
                                          f"(e.g. train.optim.base_lr=0.05), got key {key!r}")
     try:

@@ -88,6 +88,7 @@ def _short(v: Any) -> str:
 
 
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
+SECTIONS = ("experiment", "train", "space")   # the top-level keys of a search-space file
 
 
 @dataclass
@@ -225,16 +226,16 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> E
     text, doc = _load_yaml(path)
     if not isinstance(doc, dict):
         raise SpaceError(file, "<top level>", doc, "a mapping with keys experiment, train, space")
-    unknown = sorted(set(doc) - {"experiment", "train", "space"})
+    unknown = sorted(set(doc) - set(SECTIONS))
     if unknown:
         raise SpaceError(file, unknown[0], doc[unknown[0]], "one of the top-level keys experiment, train, space")
     overrides = dict(overrides or {})
-    stray = sorted(k for k in overrides if k.split(".", 1)[0] not in ("experiment", "train", "space"))
+    stray = sorted(k for k in overrides if k.split(".", 1)[0] not in SECTIONS)
     if stray:
         raise SpaceError(file, stray[0], overrides[stray[0]], "a dotted key under experiment., train. or space.")
     # Keys under `space` are dotted paths themselves: `space.optim.base_lr` names one entry.
     space_overrides = {k[len("space."):]: overrides.pop(k) for k in list(overrides) if k.startswith("space.")}
-    doc = apply_dotted({k: doc.get(k) or {} for k in ("experiment", "train", "space")}, overrides)
+    doc = apply_dotted({k: doc.get(k) or {} for k in SECTIONS}, overrides)
     if isinstance(doc["space"], dict):
         doc["space"].update(space_overrides)
     try:
