@@ -226,13 +226,18 @@ def _gap(history) -> list[float]:
             if _finite(h.get("train_acc")) and _finite(h.get("val_acc"))]
 
 
+def _val_loss_rise(val: list[float]) -> float:
+    """How far the last validation loss is above the lowest one, relative to it (0 when unknown)."""
+    return (val[-1] / min(val) - 1) if val and min(val) > 0 else 0.0
+
+
 def _overfitting(history, step_losses, chance) -> Optional[Diagnosis]:
     gaps, val = _gap(history), series(history, "val_loss")
     if len(gaps) < 2 or gaps[-1] < GAP_LARGE:
         return None
     best = val.index(min(val)) if len(val) == len(gaps) else len(gaps) - 1
     growth = gaps[-1] - gaps[best]
-    rise = (val[-1] / min(val) - 1) if val and min(val) > 0 else 0.0
+    rise = _val_loss_rise(val)
     if growth < GAP_GROWTH and rise < VAL_LOSS_RISE:
         return None
     ev = {"acc_gap": gaps[-1], "gap_growth": growth, "val_loss_rise": rise, "best_val_loss_epoch": best + 1,
@@ -288,7 +293,7 @@ def _healthy(history) -> Diagnosis:
     if len(history) < 2:
         return Diagnosis("healthy", ev, "a small train/val gap (one epoch: trends cannot be read yet)")
     val = series(history, "val_loss")
-    rise = (val[-1] / min(val) - 1) if val and min(val) > 0 else 0.0
+    rise = _val_loss_rise(val)
     if rise >= VAL_LOSS_RISE:   # not overfitting (the gap is small), but not converged either
         best = val.index(min(val)) + 1
         ev.update(val_loss_rise=rise, best_val_loss_epoch=best)
