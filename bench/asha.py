@@ -3,7 +3,7 @@
 The experiment is the shipped quickstart (search_spaces/quickstart.yaml: digits, an MLP, random
 log-uniform search over LR and weight decay, dropout, a choice of schedules) with 1-worker
 trials (fit runs in the trial process), more epochs and more samples, run through
-``tuning.experiment.run_experiment`` on one private Ray cluster, MLflow in a temporary sqlite
+``tuning.driver.experiment.run_experiment`` on one private Ray cluster, MLflow in a temporary sqlite
 file, no model registration (the same for both, and not what is compared). The searcher's seed is
 the same for both runs, so both see the same configs (checked). Reported: total epochs trained,
 wall time (the whole run_experiment call, and the tuning part alone: from the Tuner's start to the
@@ -35,7 +35,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def make_spec(args: argparse.Namespace, scheduler: str):
-    from tuning.space import load_spec
+    from tuning.spec import load_spec
 
     sched = ({"name": "fifo"} if scheduler == "fifo" else
              {"name": "asha", "grace_period": args.grace_period, "reduction_factor": args.reduction_factor})
@@ -49,7 +49,7 @@ def make_spec(args: argparse.Namespace, scheduler: str):
 
 
 def run(args: argparse.Namespace, scheduler: str, address: str, work: Path) -> dict[str, Any]:
-    from tuning.experiment import run_experiment
+    from tuning.driver.experiment import run_experiment
 
     spec = make_spec(args, scheduler)
     lines: list[tuple[float, str]] = []

@@ -81,7 +81,7 @@ def local_ddp(cfg_dict: dict, born: float) -> dict:
     can) from a process that has imported what fit imports, as a trial process would have."""
     import torch.multiprocessing as tmp
 
-    from tuning.cluster import free_ports
+    from tuning.driver.cluster import free_ports
 
     cfg_dict = {**cfg_dict, "scaling": {**cfg_dict["scaling"], "num_workers": 2,
                                         "batch_per_worker": cfg_dict["scaling"]["batch_per_worker"] // 2}}

@@ -7,7 +7,7 @@ one or more tables, and ends with exactly one line ``RESULT NAME key=value ...``
 header, tables and RESULT line go to ``DIR/NAME.md`` (default ``bench/results/``).
 
 Modes: full (the default: the figures docs/benchmarks.md quotes), ``--quick`` (under 3 minutes
-on a 2-core CPU machine), ``--smoke`` (seconds; meaningless figures, for tests/test_bench.py).
+on a 2-core CPU machine), ``--smoke`` (seconds; meaningless figures, for tests/bench/test_bench.py).
 """
 from __future__ import annotations
 
@@ -263,10 +263,10 @@ def run_child(argv: list[str], timeout_s: float = 600.0, env: Optional[dict[str,
 
 @contextlib.contextmanager
 def ray_cluster(num_cpus: int, connect: bool = True, env: Optional[dict[str, str]] = None) -> Iterator[Any]:
-    """A private ``tuning.cluster.LocalCluster`` (auth off: it is private to this process),
+    """A private ``tuning.driver.cluster.LocalCluster`` (auth off: it is private to this process),
     connected to when ``connect``; stopped by PID afterwards."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    from tuning.cluster import LocalCluster
+    from tuning.driver.cluster import LocalCluster
 
     # Ray workers import this directory's modules (functions of the scripts pickled by reference).
     path = os.pathsep.join(p for p in (str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")) if p)

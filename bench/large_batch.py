@@ -118,7 +118,7 @@ def grid_points(budget: int, space: dict[str, tuple[float, float]]) -> list[dict
 
 
 def random_points(budget: int, space: dict[str, tuple[float, float]], seed: int) -> list[dict[str, float]]:
-    """``budget`` log-uniform samples (as tuning.space's loguniform draws them)."""
+    """``budget`` log-uniform samples (as tuning.spec's loguniform draws them)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)

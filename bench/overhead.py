@@ -4,9 +4,9 @@
   (a0) the same loop slicing tensors instead of a DataLoader (what the DataLoader costs)
   (b)  training.loop.fit in a bare process; again while the Ray cluster runs idle (is a trial slower
        because it runs inside Ray, or because Ray runs beside it?)
-  (c)  a schedtune 1-worker trial: tuning.trial.trial_fn in a Tune trial (fit runs in the trial process)
+  (c)  a schedtune 1-worker trial: tuning.driver.trial.trial_fn in a Tune trial (fit runs in the trial process)
   (c1) a 1-worker Ray Train TorchTrainer in a Tune trial (what (c) would cost through Train)
-  (d)  a schedtune 2-worker trial: tuning.trial.trial_fn -> TorchTrainer, DDP over gloo
+  (d)  a schedtune 2-worker trial: tuning.driver.trial.trial_fn -> TorchTrainer, DDP over gloo
   (e)  the 2-worker config as 2 local processes (torch.multiprocessing fork, gloo), no Ray: what
        a worker group costs without Train's actors
   with --preload-torch: (d) on a cluster whose idle Ray workers import torch ahead of time
@@ -19,7 +19,7 @@ actor is up) to the start of its first epoch; the breakdown follows the trial th
 its workers' entry and fit's set-up. Memory is the peak over the trial of the summed RSS (and
 PSS) of its processes: the Tune trial actor, the Train controller and the Train workers.
 
-The trials are the shipped code (tuning.trial.trial_fn) with two timing hooks: the report
+The trials are the shipped code (tuning.driver.trial.trial_fn) with two timing hooks: the report
 function is wrapped to note wall-clock times, and (d)'s Train worker function is wrapped to note
 when it starts. Both cost microseconds.
 """
@@ -79,7 +79,7 @@ def bare(args: argparse.Namespace, kind: str) -> dict:
 
 def make_spec(cfg_dict: dict):
     from training.config import TrainConfig
-    from tuning.space import ExperimentOptions, ExperimentSpec
+    from tuning.spec import ExperimentOptions, ExperimentSpec
 
     return ExperimentSpec(file="<bench/overhead.py>", options=ExperimentOptions(name="bench-overhead"),
                           base=TrainConfig.from_dict(cfg_dict), space={}, text="")

@@ -1,6 +1,6 @@
 """One timed Tune trial of the shipped trial code, for the benchmarks that need a real trial.
 
-``run_trial`` runs ``tuning.trial.trial_fn`` (or, for comparison, the same worker function through
+``run_trial`` runs ``tuning.driver.trial.trial_fn`` (or, for comparison, the same worker function through
 a plain ``train_workers``-worker TorchTrainer) as the only trial of a Tuner on an already
 connected Ray cluster, and returns what it saw:
 
@@ -34,14 +34,14 @@ ROLES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")   #
 
 
 def timed_trial(config: dict, spec, storage: str, timing_dir: str, train_workers: int = 0) -> None:
-    """The Tune function trainable: tuning.trial.trial_fn with the timing hooks above.
+    """The Tune function trainable: tuning.driver.trial.trial_fn with the timing hooks above.
     ``train_workers`` > 0: a plain TorchTrainer of that many workers over the same (wrapped)
     worker function instead (what a 1-worker trial would cost through Train)."""
     fn_entry = time.time()
     import ray.train
     import ray.tune
 
-    import tuning.trial as trial
+    import tuning.driver.trial as trial
 
     def note(where: str, metrics: dict, **extra: Any) -> None:
         path = Path(timing_dir) / f"{where}.json"
@@ -115,12 +115,12 @@ class TrialRun:
 
 def run_trial(spec, work: Path, label: str, *, train_workers: int = 0, callbacks: Sequence = (),
               cluster=None, sample: bool = False, profile_s: float = 0.0) -> TrialRun:
-    """``spec.base`` as the only trial of a Tuner (resources as tuning.experiment gives them);
+    """``spec.base`` as the only trial of a Tuner (resources as tuning.driver.experiment gives them);
     ``cluster`` (a LocalCluster) for the sampler and the task events; ``profile_s`` > 0: py-spy
     the training process (the trial, or rank 0) for that long once its first epoch is reported."""
     from ray import tune
 
-    from tuning.experiment import TRIAL_DRIVER_CPU, _trial_resources
+    from tuning.driver.sizing import TRIAL_DRIVER_CPU, trial_resources as _trial_resources
 
     timing = work / f"timing-{label}"
     timing.mkdir(parents=True)

@@ -1,6 +1,6 @@
 """The cost of MLflow logging per epoch, against a local sqlite store and a local `mlflow server`.
 
-Part 1 (no Ray): tuning.tracking.MLflowTracker driven directly with the metrics one epoch of the
+Part 1 (no Ray): tuning.tracking.callback.MLflowTracker driven directly with the metrics one epoch of the
 quickstart reports (from a real fit() epoch): the time on_trial_result takes on Tune's loop (it only
 buffers), the time the tracker's sender thread takes to send one epoch alone (what a >=
 FLUSH_EVERY_S epoch costs it) and to send the epochs that pile up in FLUSH_EVERY_S when epochs are
@@ -10,7 +10,7 @@ epoch and a 10 s (GPU-sized) epoch.
 Part 2 (Ray): what is on the trial's critical path? The tracker runs in the Tune driver, but a
 function trainable's report() waits until the driver has processed the previous result
 (callbacks included) and asks for the next one. The same 1-worker quickstart trial (the shipped
-tuning.trial.trial_fn) is run without a tracker and with the tracker against each backend, sending
+tuning.driver.trial.trial_fn) is run without a tracker and with the tracker against each backend, sending
 at the shipped cadence and every 50 ms (about every epoch); the trial's epoch period (time between
 consecutive results reaching the driver) and how long its report() blocked are compared.
 """
@@ -47,7 +47,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def quickstart_spec(epochs: int):
     """The shipped quickstart with 1-worker trials (fit runs in the trial process)."""
-    from tuning.space import load_spec
+    from tuning.spec import load_spec
 
     return load_spec(ROOT / "search_spaces" / "quickstart.yaml", {
         "experiment.name": "bench-tracking", "experiment.num_samples": 1, "train.epochs": epochs,
@@ -69,7 +69,7 @@ def one_epoch_metrics(spec) -> tuple[dict[str, float], float]:
 @contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
     """A real `mlflow server` (sqlite backend, local artifacts) in its own process group."""
-    from tuning.cluster import free_ports
+    from tuning.driver.cluster import free_ports
 
     port = free_ports(1)[0]
     log = open(root / "server.log", "wb")
@@ -116,7 +116,7 @@ def tune_result(metrics: dict[str, float], epoch: int) -> dict[str, Any]:
 def direct(spec, uri: str, work: Path, metrics: dict[str, float], epochs: int, per_flush: int) -> dict[str, Any]:
     """MLflowTracker without Tune: set-up, a trial's start, results buffered on the caller's thread,
     sends of one epoch and of per_flush epochs (the sender thread's work, timed here inline)."""
-    import tuning.tracking as tracking
+    import tuning.tracking.callback as tracking
 
     tracker = tracking.MLflowTracker(spec, uri, str(work / f"run-{abs(hash(uri))}"), str(work / "train"))
     t = time.perf_counter()
@@ -159,7 +159,7 @@ def trial_period(spec, work: Path, uri: str | None, flush_every_s: float, label:
     results at the driver; median), how long the trial's report() blocked and the driver's time
     in the tracker's on_trial_result (means), in ms, over the epochs after the first. The sender
     thread sends every ``flush_every_s``."""
-    import tuning.tracking as tracking
+    import tuning.tracking.callback as tracking
 
     in_tracker: list[float] = []
 
@@ -190,7 +190,7 @@ def trial_period(spec, work: Path, uri: str | None, flush_every_s: float, label:
 def critical_path(args: argparse.Namespace, spec, work: Path, uris: dict[str, str]) -> dict[str, list[dict]]:
     """Part 2: the same trial without a tracker and with one per backend, flushing at the shipped
     cadence and about every epoch, in rounds A B C .. then .. C B A (drift on a busy machine averages out)."""
-    import tuning.tracking as tracking
+    import tuning.tracking.callback as tracking
 
     every = tracking.FLUSH_EVERY_S
     periods: dict[str, list[dict]] = {}
@@ -243,7 +243,7 @@ def main() -> None:
     rep = Report(NAME, args, "MLflow logging cost per epoch")
     epochs = args.epochs or pick(args, 200, 40, 4)
     spec = quickstart_spec(pick(args, 300, 120, 3))
-    import tuning.tracking as tracking
+    import tuning.tracking.callback as tracking
 
     metrics, epoch_s = one_epoch_metrics(spec)
     per_flush = max(1, round(tracking.FLUSH_EVERY_S / epoch_s))

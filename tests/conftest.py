@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 2-CPU private Ray cluster (token auth off: it is private to this test session)."""
-    from tuning.cluster import LocalCluster
+    from tuning.driver.cluster import LocalCluster
 
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -75,7 +75,7 @@ class MlflowServer:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    from tuning.cluster import free_ports
+    from tuning.driver.cluster import free_ports
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"), free_ports(1)[0]).wait()
     yield server
@@ -89,14 +89,14 @@ NUM_SAMPLES, EPOCHS = 4, 3
 def experiment(ray_cluster, mlflow_server, tmp_path_factory):
     """One real ASHA experiment of 2-worker trials (more trials than slots), tracked in the
     session's mlflow server: (spec, ExperimentResult, progress lines)."""
-    from tuning.experiment import run_experiment
-    from tuning.space import load_spec
+    from tuning.driver.experiment import run_experiment
+    from tuning.spec import load_spec
 
     spec = load_spec(ROOT / "search_spaces/quickstart.yaml", {
         "experiment.name": "it-asha", "experiment.num_samples": NUM_SAMPLES,
         "experiment.scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
         "train.epochs": EPOCHS, "train.scaling.num_workers": 2, "train.scaling.cpus_per_worker": 0.5})
-    from tuning.cluster import LocalCluster
+    from tuning.driver.cluster import LocalCluster
 
     lines = []
     # A second Ray cluster on the same machine while trials are stopped by ASHA: Train's

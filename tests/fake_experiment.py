@@ -1,5 +1,5 @@
 """An MLflow experiment in schedtune's layout without Ray: ``training.loop.fit`` per trial, logged
-with ``mlflow.MlflowClient`` the way tuning.tracking logs a Tune run (parent run tagged
+with ``mlflow.MlflowClient`` the way tuning.tracking.callback logs a Tune run (parent run tagged
 ``schedtune.role = experiment`` with the metric/mode params; a child run per trial with per-epoch
 metrics, ``schedtune.trial_id`` / ``schedtune.status`` tags and ``checkpoints/best`` + ``checkpoints/last``
 artifacts; ``schedtune.best_run_id`` on the parent). For the after-training commands' tests.

@@ -1,4 +1,4 @@
-"""Malformed inputs by construction, for tests/test_bad_input.py: a valid experiment (GOOD) with
+"""Malformed inputs by construction, for tests/tuning/cli/test_bad_input.py: a valid experiment (GOOD) with
 one to three independent mutations, each wrong on its own and carrying the key its error must
 name and a fragment of the expectation. The oracle (``fits``, ``fragment``, ``RANGES``, the space
 rules) is written here from the file format (DESIGN.md, "The search-space file"), not read back
@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 from hypothesis import strategies as st
 
 from training.config import ScheduleConfig, Section, field_paths
-from tuning.space import DISTRIBUTIONS, ExperimentOptions
+from tuning.spec import DISTRIBUTIONS, ExperimentOptions
 
 GOOD = {
     "experiment": {"name": "fuzz", "metric": "val_acc", "mode": "max", "num_samples": 2,
@@ -64,6 +64,8 @@ def fits(tp: Any, v: Any) -> bool:
         return any(v == a and type(v) is type(a) for a in typing.get_args(tp))
     if origin is list:
         return isinstance(v, list) and all(fits(typing.get_args(tp)[0], x) for x in v)
+    if origin is dict:   # free-form keyword arguments (model.args): any mapping with string keys
+        return isinstance(v, dict) and all(isinstance(k, str) for k in v)
     if isinstance(tp, type) and issubclass(tp, Section):
         return isinstance(v, dict)
     if tp is float:
@@ -80,7 +82,7 @@ def fragment(tp: Any) -> str:
         return "one of"
     if origin is list:
         return "a list of"
-    if isinstance(tp, type) and issubclass(tp, Section):
+    if origin is dict or (isinstance(tp, type) and issubclass(tp, Section)):
         return "a mapping"
     return {bool: "true or false", int: "an integer", float: "number", str: "a string"}[tp]
 

@@ -51,8 +51,8 @@ def test_every_schedtune_command_in_the_readme_parses():
 
 def test_the_layout_doc_lists_every_module_and_nothing_else():
     layout = (ROOT / "docs/layout.md").read_text()
-    listed = set(re.findall(r"^\| `((?:training|tuning)/\w+\.py)` \|", layout, re.M))
-    modules = {str(p.relative_to(ROOT)) for pkg in ("training", "tuning") for p in (ROOT / pkg).glob("*.py")
-               if p.name != "__init__.py"}
+    listed = set(re.findall(r"^\| `((?:training|tuning)/[\w/]+\.py)` \|", layout, re.M))
+    modules = {str(p.relative_to(ROOT)) for pkg in ("training", "tuning") for p in (ROOT / pkg).rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
     assert listed == modules, (sorted(modules - listed), sorted(listed - modules))
     assert "docs/layout.md" in README

@@ -1,0 +1,157 @@
+"""The benchmark scripts run: each one's smallest mode (``--smoke``) ends with a well-formed
+RESULT line and writes its table. Figures are never asserted here (bench/ prints figures, tests
+don't time things). The pure-PyTorch parts run by default (about 30 s on 2 idle cores); the
+parts that start MLflow stores, a Ray cluster or an mlflow server are marked slow."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_bench(name: str):
+    """bench/NAME.py as the module ``bench_NAME``; the scripts' ``from common import ...`` gets
+    bench/common.py (loaded as ``bench_common``) without putting bench/ on sys.path."""
+    common = sys.modules.get("bench_common")
+    if name != "common" and common is None:
+        common = load_bench("common")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    saved = sys.modules.get("common")
+    if name != "common":
+        sys.modules["common"] = common
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if name != "common":
+            if saved is None:
+                sys.modules.pop("common", None)
+            else:
+                sys.modules["common"] = saved
+    return module
+
+
+common = load_bench("common")
+
+
+def run_bench(name: str, tmp_path: Path, *flags: str, timeout: float = 600) -> dict[str, str]:
+    """``python bench/NAME.py --smoke --out tmp_path FLAGS``; its RESULT values."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--smoke", "--out", str(tmp_path), *flags],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    last = p.stdout.strip().splitlines()[-1]
+    bench, values = common.parse_result(last)
+    assert bench == name
+    assert values["mode"] == "smoke"
+    md = (tmp_path / f"{name}.md").read_text()
+    assert last in md and "load at start" in md and "machine:" in md
+    return values
+
+
+def number(v: str) -> float:
+    return float(v)
+
+
+# ----------------------------------------------------------------------------- bench/common.py
+
+def test_result_line_round_trips():
+    line = common.result_line("overhead", {"mode": "quick", "ratio_c_a": 0.98765, "ok": True, "n": 3, "gap": None})
+    assert line == "RESULT overhead mode=quick ratio_c_a=0.9877 ok=yes n=3 gap=-"
+    assert common.parse_result(line) == ("overhead", {"mode": "quick", "ratio_c_a": "0.9877", "ok": "yes", "n": "3",
+                                                      "gap": "-"})
+
+
+@pytest.mark.parametrize("name, values", [("Bad-Name", {"a": 1}), ("ok", {"Bad Key": 1}), ("ok", {"k": "two words"}),
+                                          ("ok", {"k": ""})])
+def test_result_line_rejects_what_would_not_parse(name, values):
+    with pytest.raises(ValueError):
+        common.result_line(name, values)
+
+
+def test_parse_result_rejects_other_lines():
+    for line in ("RESULT overhead", "result overhead a=1", "RESULT overhead a=1 b"):
+        with pytest.raises(ValueError):
+            common.parse_result(line)
+
+
+def test_markdown_table_and_numbers():
+    table = common.markdown_table(["run", "samples/s"], [["(a)", 12345.6], ["(b)", 0.97123], ["(c)", None]])
+    lines = table.splitlines()
+    assert lines[0].startswith("| run") and set(lines[1]) <= {"|", "-"}
+    assert "12346" in lines[2] and "0.971" in lines[3] and "| -" in lines[4]
+    assert len({len(line) for line in lines}) == 1
+    assert common.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert common.mean_std([5.0]) == (5.0, 0.0)
+    assert common.median([3.0, 1.0, 2.0, 10.0]) == 2.5
+
+
+# ----------------------------------------------------------------------------- scripts, no Ray
+
+def test_large_batch_smoke(tmp_path):
+    v = run_bench("large_batch", tmp_path)
+    assert v["ordering_holds"] in ("yes", "no")
+    for key in ("baseline_err", "same_lr_err", "sqrt_err", "linear_err", "constant_warmup_err", "gradual_warmup_err",
+                "grid_best_err", "random_best_err"):
+        assert 0 <= number(v[key]) <= 100
+    assert "(v) batch 512, linear, gradual warmup" in (tmp_path / "large_batch.md").read_text()
+
+
+def test_large_batch_grid_and_random_points():
+    lb = load_bench("large_batch")
+    space = {"optim.base_lr": (1e-3, 1.0), "optim.weight_decay": (1e-6, 1e-3)}
+    grid = lb.grid_points(9, space)
+    assert len(grid) == 9 and len({g["optim.base_lr"] for g in grid}) == 3
+    assert sorted({g["optim.base_lr"] for g in grid}) == pytest.approx([10 ** -2.5, 10 ** -1.5, 10 ** -0.5], rel=1e-9)
+    rand = lb.random_points(9, space, seed=0)
+    assert len({r["optim.base_lr"] for r in rand}) == 9 and rand == lb.random_points(9, space, seed=0)
+    assert all(1e-3 <= r["optim.base_lr"] <= 1.0 and 1e-6 <= r["optim.weight_decay"] <= 1e-3 for r in rand)
+    with pytest.raises(ValueError):
+        lb.grid_points(8, space)
+
+
+def test_overhead_smoke_bare_processes(tmp_path):
+    v = run_bench("overhead", tmp_path, "--skip-ray")
+    assert number(v["a_samples_per_s"]) > 0 and number(v["b_samples_per_s"]) > 0 and number(v["ratio_b_a"]) > 0
+
+
+@pytest.mark.slow   # no Ray, but creating an MLflow sqlite store takes ~10 s
+def test_tracking_smoke_sqlite(tmp_path):
+    v = run_bench("tracking", tmp_path, "--backends", "sqlite", "--skip-ray")
+    assert number(v["sqlite_send_one_epoch_ms"]) > 0 and number(v["sqlite_on_result_ms"]) > 0
+    assert number(v["epochs_per_flush"]) >= 1
+
+
+# ----------------------------------------------------------------------------- scripts with Ray (and a server)
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_overhead_smoke_ray(tmp_path):
+    v = run_bench("overhead", tmp_path)
+    for key in ("startup_c_s", "startup_d_s", "rss_d_gb", "ratio_c_a", "ratio_d_a"):
+        assert number(v[key]) > 0
+    assert v["goal_startup_d"] in ("yes", "no")
+    md = (tmp_path / "overhead.md").read_text()
+    assert "RayTrainWorker.__init__" in md and "ray::RayTrainWorker" in md
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_asha_smoke(tmp_path):
+    v = run_bench("asha", tmp_path)
+    assert v["same_configs"] == "yes"
+    assert 0 < number(v["asha_epochs"]) <= number(v["fifo_epochs"]) == 3 * 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tracking_smoke_server_and_trials(tmp_path):
+    v = run_bench("tracking", tmp_path, "--backends", "server")
+    assert number(v["server_send_one_epoch_ms"]) > 0 and number(v["trial_period_ms"]) > 0
+    assert "trial_tracker_ms_server_every_0_05s" in v and "trial_tracker_fraction_server_every_2s" in v
+    assert number(v["trial_period_ratio_server_every_2s"]) > 0

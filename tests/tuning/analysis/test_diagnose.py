@@ -1,0 +1,218 @@
+"""Learning-curve diagnosis: each kind on crafted histories, then on real short digits runs made
+to show it (LR 10, zero init, a tiny training set without regularization, ...)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tuning.analysis.diagnose import (EXPLODE_FACTOR, IMPROVING_RATE, KINDS, Diagnosis, diagnose, exploded, moving_average,
+                             series, trend)
+
+
+def h(train_loss, val_loss, train_acc, val_acc):
+    """A history from per-epoch columns."""
+    return [{"epoch": i + 1, "train_loss": a, "val_loss": b, "train_acc": c, "val_acc": d}
+            for i, (a, b, c, d) in enumerate(zip(train_loss, val_loss, train_acc, val_acc))]
+
+
+FLAT = [0.30, 0.30, 0.30, 0.30, 0.30, 0.30]
+CRAFTED = {
+    "diverged": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "train_acc": 0.6, "val_acc": 0.7},
+                 {"epoch": 6, "diverged": 1.0, "diverged_step": 57.0, "diverged_lr": 3.0, "val_acc": -math.inf}],
+    "plateau_at_start": h([2.303, 2.302, 2.303, 2.301], [2.303] * 4, [0.1] * 4, [0.1] * 4),
+    "overfitting": h([1.0, 0.5, 0.2, 0.05, 0.01, 0.005], [1.0, 0.6, 0.5, 0.55, 0.62, 0.70],
+                     [0.7, 0.85, 0.95, 0.99, 1.0, 1.0], [0.7, 0.8, 0.84, 0.84, 0.83, 0.82]),
+    "still_improving": h([2.0, 1.6, 1.2, 0.9], [1.9, 1.4, 1.0, 0.7], [0.4, 0.6, 0.75, 0.85], [0.45, 0.65, 0.8, 0.86]),
+    "underfitting": h([1.5, 1.2, 1.1, 1.1, 1.1, 1.1], [1.5, 1.2, 1.1, 1.1, 1.1, 1.1],
+                      [0.5, 0.6, 0.62, 0.62, 0.62, 0.62], [0.5, 0.6, 0.61, 0.62, 0.61, 0.61]),
+    "healthy": h([0.5, 0.2, 0.1, 0.05, 0.05, 0.05], [0.4, 0.2, 0.12, 0.1, 0.1, 0.1],
+                 [0.85, 0.95, 0.97, 0.99, 0.99, 0.99], [0.88, 0.94, 0.96, 0.97, 0.97, 0.97]),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_on_a_crafted_history(kind):
+    d = diagnose(CRAFTED[kind])
+    assert d.kind == kind, d.describe()
+    assert d.advice and d.evidence
+    assert all(isinstance(v, (int, float)) for v in d.evidence.values())
+
+
+def test_evidence_numbers():
+    d = diagnose(CRAFTED["overfitting"])
+    assert d.evidence["acc_gap"] == pytest.approx(0.18)
+    assert d.evidence["best_val_loss_epoch"] == 3
+    assert d.evidence["val_loss_rise"] == pytest.approx(0.70 / 0.5 - 1)
+    d = diagnose(CRAFTED["diverged"])
+    assert d.evidence["diverged_step"] == 57 and d.evidence["diverged_lr"] == 3.0
+    d = diagnose(CRAFTED["still_improving"])
+    assert d.evidence["val_loss_change_per_epoch"] < -0.01 and d.evidence["window_epochs"] == 3
+
+
+def test_exploding_loss_without_nan_is_diverged():
+    # per-step: the loss jumps from ~ln C to 30x it and comes back down within the epoch
+    steps = [2.3, 2.2, 2.1, 50.0, 70.0, 60.0, 20.0, 5.0, 3.0, 2.5, 2.4, 2.4]
+    hist = h([4.0, 2.35], [2.4, 2.3], [0.1, 0.1], [0.1, 0.1])
+    assert diagnose(hist).kind != "diverged"        # the epoch means alone cannot see it
+    d = diagnose(hist, step_losses=steps, num_classes=10)
+    assert d.kind == "diverged" and d.evidence["ratio"] > EXPLODE_FACTOR
+    # per epoch: a training loss above 3 ln C (the loss at init) is an explosion
+    assert diagnose(h([7.5, 3.0], [3.0, 2.5], [0.1, 0.1], [0.1, 0.1]), num_classes=10).kind == "diverged"
+    # non-finite losses and NaN steps
+    assert diagnose(h([1.0, math.nan], [1.0, 1.0], [0.5, 0.5], [0.5, 0.5])).kind == "diverged"
+    assert exploded([2.3, 2.2, math.inf]) == {"nonfinite_at": 2}
+    assert exploded([2.3, 2.0, 1.5, 1.0]) is None
+
+
+def test_underfitting_needs_both_loss_curves_flat():
+    """Close curves and train_acc < 0.9 are underfitting only while neither loss moves IMPROVING_RATE
+    per epoch at the end; a validation loss rising 3.7%/epoch with a 2-point gap is not."""
+    settled = [1.5, 1.2, 1.1, 1.1, 1.1, 1.1]          # the training loss fell, then flat
+    rising = h(settled, [1.10, 1.10, 1.12, 1.16, 1.20, 1.25], [0.62] * 6, [0.60] * 6)
+    rate, _ = trend(series(rising, "val_loss"))
+    assert rate == pytest.approx(0.045 / (3.61 / 3)) and rate > IMPROVING_RATE
+    d = diagnose(rising)
+    assert d.kind not in ("underfitting", "overfitting", "still_improving")
+    assert d.evidence["val_loss_rise"] == pytest.approx(1.25 / 1.10 - 1) and "nothing to fix" not in d.advice
+    creeping = h(settled, [1.100, 1.100, 1.100, 1.105, 1.110, 1.115], [0.62] * 6, [0.60] * 6)   # 0.45%/epoch
+    d = diagnose(creeping)
+    assert d.kind == "underfitting" and 0 < d.evidence["val_loss_change_per_epoch"] < IMPROVING_RATE
+    assert d.evidence["train_loss_change_per_epoch"] == 0.0
+    train_falls = h([1.3, 1.25, 1.2, 1.15, 1.1, 1.05], [1.1] * 6, [0.62] * 6, [0.60] * 6)   # ~4%/epoch
+    assert diagnose(train_falls).kind != "underfitting"
+
+
+def test_helpers():
+    assert moving_average([1, 2, 3, 4, 5], 3) == [1.5, 2, 3, 4, 4.5]
+    assert trend([1.0, 1.0, 1.0, 1.0]) == (0.0, 3)
+    rate, window = trend([10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
+    assert window == 3 and rate == pytest.approx(-1 / 4)        # slope -1 over a mean of 4
+    assert series([{"a": 1}, {"a": math.nan}, {"b": 2}, {"a": 3.0}], "a") == [1.0, 3.0]
+
+
+def test_short_histories_and_json():
+    one = diagnose(h([1.0], [0.9], [0.6], [0.65]))
+    assert one.kind == "healthy" and "one epoch" in one.advice
+    assert diagnose([]).kind == "healthy"
+
+
+def test_a_trial_stopped_after_one_epoch_is_read_from_its_steps():
+    """ASHA stops most trials at their first rung: one epoch, but 20+ per-step losses."""
+    one = h([2.29], [2.29], [0.11], [0.10])
+    flat = [2.303 - 0.0005 * i for i in range(22)]            # 0.5% down over the epoch: LR far too low
+    d = diagnose(one, step_losses=flat, num_classes=10)
+    assert d.kind == "plateau_at_start"
+    assert d.evidence["steps"] == 22 and d.evidence["first_steps_loss"] == pytest.approx(2.302)
+    learning = [2.3 * 0.95 ** i for i in range(22)]              # falls 66%: a healthy first epoch
+    assert diagnose(one, step_losses=learning, num_classes=10).kind == "healthy"
+    assert diagnose(one, step_losses=flat[:8], num_classes=10).kind == "healthy"   # too few steps to read
+    pretrained = [0.5] * 22                                   # flat but far below ln C: already learned
+    assert diagnose(one, step_losses=pretrained, num_classes=10).kind == "healthy"
+    d = Diagnosis("x", {"a": 0.123456789, "n": 3, "inf": math.inf})
+    assert json.loads(d.evidence_json()) == {"a": 0.1235, "n": 3, "inf": "inf"}
+    assert len(Diagnosis("x", {f"k{i}": 1.0 for i in range(200)}).evidence_json()) <= 480
+
+
+# ----------------------------------------------------------------------------- real runs
+
+BASE = {"epochs": 6, "seed": 0, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": [64]},
+        "optim": {"name": "sgd", "base_lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"name": "cosine", "warmup": "linear", "warmup_epochs": 1},
+        "scaling": {"batch_per_worker": 32}}
+CONSTANT = {"schedule.name": "constant", "schedule.warmup": "none"}
+# Each run is made to show one diagnosis (measured: < 1 s each on one thread).
+RUNS = {
+    "diverged": {"optim.base_lr": 10.0, "epochs": 3},
+    "plateau_at_start": {"model.init": "zero", "epochs": 4},
+    "overfitting": {"data.num_samples": 100, "optim.weight_decay": 0.0, "epochs": 20, "schedule.name": "constant"},
+    "still_improving": {"optim.base_lr": 0.003, "epochs": 3, **CONSTANT},
+    "underfitting": {"optim.weight_decay": 0.3, "epochs": 25},      # far too much regularization
+    "healthy": {"epochs": 20},
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is fastest, and immune to other processes on the cores."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def real_run(updates: dict):
+    from training.config import TrainConfig
+    from training.loop import Diverged, fit
+
+    cfg = TrainConfig.from_dict(BASE).with_updates(updates)
+    try:
+        r = fit(cfg)
+    except Diverged as e:       # what a trial reports (tuning.driver.trial._diverged_metrics)
+        return [{"epoch": cfg.epochs, "diverged": 1.0, "diverged_step": e.step, "diverged_lr": e.lr}], None
+    return r.history, r.trace["loss"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_on_a_real_run(kind, one_thread):
+    history, steps = real_run(RUNS[kind])
+    d = diagnose(history, step_losses=steps, num_classes=10)
+    assert d.kind == kind, d.describe()
+    if kind == "diverged":       # LR 10 blows the loss up in the first epoch (no NaN: it comes back)
+        assert d.evidence["max_loss"] > EXPLODE_FACTOR * math.log(10)
+    if kind == "plateau_at_start":
+        assert d.evidence["flat_epochs"] == 4 and d.evidence["update_ratio"] == 0.0   # zero init: no gradient
+        assert d.evidence["train_loss"] == pytest.approx(math.log(10), abs=0.01)
+    if kind == "overfitting":
+        assert history[-1]["train_acc"] == 1.0 and d.evidence["acc_gap"] > 0.05
+    if kind == "healthy":
+        assert history[-1]["val_acc"] >= 0.97
+
+
+def test_a_flat_loss_far_below_chance_is_not_an_init_plateau():
+    frozen = h([0.30] * 4, [0.32] * 4, [0.95] * 4, [0.94] * 4)     # e.g. a linear probe on a pretrained backbone
+    assert diagnose(frozen).kind == "plateau_at_start"             # without C it cannot tell
+    assert diagnose(frozen, num_classes=10).kind == "healthy"
+
+
+def test_the_tracker_tags_each_trial_with_its_diagnosis_and_logs_plots(tmp_path, one_thread):
+    """MLflowTracker (no Ray needed): per-epoch results in, at the end a diagnosis tag, its evidence,
+    and plots/ made from the last checkpoint's trace.json; a tracker pickled before these fields
+    existed resumes with them."""
+    import pickle
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from training.config import TrainConfig
+    from training.loop import fit
+    from tuning.spec import load_spec
+    from tuning.tracking.callback import MLflowTracker
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(load_spec(ROOT / "search_spaces/quickstart.yaml"), uri, str(tmp_path / "run"),
+                            str(tmp_path / "run/train"))
+    tracker.setup()
+    trial = SimpleNamespace(trial_id="t0", config={}, path=str(tmp_path / "t0"), error_file=None)
+    tracker.on_trial_start(0, [], trial)
+    cfg = TrainConfig.from_dict(BASE).with_updates(RUNS["plateau_at_start"])
+    for m in fit(cfg, workdir=trial.path).history:            # checkpoints (with trace.json) under trial.path
+        tracker.on_trial_result(0, [], trial, {**m, "training_iteration": m["epoch"]})
+    tracker.on_trial_complete(0, [], trial)
+    run = mlflow.MlflowClient(uri).get_run(tracker._children["t0"])
+    assert run.data.tags["schedtune.diagnosis"] == "plateau_at_start" == tracker.diagnoses["t0"].kind
+    assert json.loads(run.data.tags["schedtune.diagnosis_evidence"])["flat_epochs"] == 4
+    plots = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/loss.png", "plots/accuracy.png", "plots/lr.png", "plots/update_ratio.png"}
+
+    old = tracker.__getstate__()
+    for k in ("_history", "diagnoses"):
+        old.pop(k)
+    restored = pickle.loads(pickle.dumps(old))
+    fresh = MLflowTracker.__new__(MLflowTracker)
+    fresh.__setstate__(restored)
+    assert fresh._history == {} and fresh.diagnoses == {} and fresh._children == tracker._children

@@ -1,0 +1,71 @@
+"""The final table of trials (terminal and MLflow), where to look next, and the diagnosis table of
+``schedtune report``."""
+from __future__ import annotations
+
+from tuning.analysis.results import ExperimentRecord, ExperimentResult
+from tuning.spec import ExperimentSpec
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def results_table(result: ExperimentResult, spec: ExperimentSpec) -> str:
+    """Markdown table of every trial, best first: id, how it ended, epochs, metric, the diagnosis of
+    its learning curves (tuning.analysis.diagnose), sampled values."""
+    keys = list(spec.space)
+    metric = spec.options.metric
+    head = ["trial", "status", "epochs", metric, "diagnosis"] + keys
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result.rows:
+        cells = [r.trial_id + (" (best)" if result.best is r else ""), r.status, str(r.epochs),
+                 "-" if r.metric is None else f"{r.metric:.4f}", r.diagnosis or "-"]
+        sample = spec.decode(r.params)
+        cells += [_fmt(sample.get(k, "-")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def summary(result: ExperimentResult, spec: ExperimentSpec) -> str:
+    """What the terminal shows at the end: the table, the best config, where it is in MLflow."""
+    out = [results_table(result, spec), ""]
+    best = result.best
+    failed = [r for r in result.rows if r.error]
+    for r in failed:
+        out.append(f"trial {r.trial_id} failed: {r.error}")
+    if failed:
+        out.append("")
+    if best is None:
+        out.append("no trial finished with a valid metric (see the status column)")
+    else:
+        out.append(f"best: trial {best.trial_id}, {spec.options.metric} {best.metric:.4f}; sampled:")
+        out += [f"  {k}: {_fmt(v)}" for k, v in spec.decode(best.params).items()]
+        if result.model_version:
+            out.append(f"registered model: {spec.options.name} version {result.model_version}")
+    out.append(f"MLflow: experiment {spec.options.name!r} (id {result.experiment_id}), parent run "
+               f"{result.parent_run_id}, tracking URI {result.tracking_uri}")
+    if result.tracking_uri.startswith("sqlite:///"):
+        out.append(f"open the UI with:  mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.lost_metrics:
+        out.append(f"warning: {result.lost_metrics} metric values could not be sent to MLflow")
+    out.append(f"results: {result.path}  (continue an interrupted run with --resume)")
+    return "\n".join(out)
+
+
+def diagnosis_table(exp: ExperimentRecord) -> str:
+    """Markdown table, best first: trial, status, metric, diagnosis, evidence; then the advice per kind."""
+    lines = [f"| trial | status | {exp.metric} | diagnosis | evidence |", "|---|---|---|---|---|"]
+    advice: dict[str, str] = {}
+    for t in exp.trials:
+        d = t.diagnosis
+        lines.append(f"| {t.trial_id} | {t.status} | {'-' if t.metric is None else f'{t.metric:.4f}'} | "
+                     f"{d.kind if d else '-'} | {d.evidence_json(200) if d else ''} |")
+        if d:
+            advice.setdefault(d.kind, d.advice)
+    lines.append("")
+    lines += [f"{kind}: {text}" for kind, text in advice.items()]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""What an experiment produced, as plain data: its trials (from Tune, or read back from MLflow),
+how each ended, and the numbers on which they are ranked. No Ray, MLflow or torch."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from tuning.analysis.diagnose import Diagnosis
+from tuning.analysis.ranking import BROKEN_STATUSES, is_finite_number
+
+# Keys Tune adds to every result: not training metrics.
+TUNE_KEYS = frozenset({"epoch", "step", "training_iteration", "timestamp", "time_this_iter_s", "time_total_s",
+                       "time_since_restore", "iterations_since_restore", "pid", "done", "diverged_step"})
+
+
+def end_state(last: dict[str, Any], errored: bool, epochs: int, scheduler: str) -> str:
+    """How a trial ended, from its last result: completed / stopped by ASHA at epoch N /
+    diverged / failed."""
+    if errored:
+        return "failed"
+    if last.get("diverged"):
+        return "diverged"
+    epoch = int(last.get("epoch", 0))
+    if epoch >= epochs:
+        return "completed"
+    return f"stopped by {'ASHA' if scheduler == 'asha' else 'the scheduler'} at epoch {epoch}"
+
+
+def finite_numbers(values: dict[str, Any], exclude=frozenset()) -> dict[str, float]:
+    """The finite numbers of ``values`` (what MLflow takes as metrics), but the keys in ``exclude``."""
+    return {k: float(v) for k, v in values.items() if k not in exclude and is_finite_number(v)}
+
+
+def training_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite training metrics of a Tune result."""
+    return finite_numbers(result, TUNE_KEYS)
+
+
+def error_summary(error: BaseException) -> str:
+    """The line of a trial's error that says what went wrong: Ray wraps the trial's own exception in
+    a traceback whose first line names only the actor, and whose last ``Type: message`` line is it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in reversed(lines):
+        m = re.match(r"^(?:[A-Za-z_][\w.]*\.)?([A-Za-z_]\w*(?:Error|Exception)): (.+)", line)
+        if m:
+            return f"{m.group(1)}: {m.group(2)}"[:1000]
+    return (lines[0] if lines else type(error).__name__)[:1000]
+
+
+@dataclass
+class TrialRow:
+    """One trial of a finished invocation, as the driver saw it."""
+    trial_id: str
+    status: str                 # completed | stopped by ASHA at epoch N | diverged | failed
+    epochs: int
+    metric: Optional[float]     # the trial's score (tuning.analysis.ranking.trial_score)
+    params: dict[str, Any]
+    run_id: Optional[str] = None
+    error: Optional[str] = None
+    diagnosis: Optional[str] = None   # tuning.analysis.diagnose kind of its learning curves
+
+
+@dataclass
+class ExperimentResult:
+    name: str
+    path: str                   # where Tune keeps this invocation (what --resume restores)
+    rows: list[TrialRow]        # best first; diverged and failed trials last
+    tracking_uri: str
+    experiment_id: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    model_version: Optional[str] = None
+    lost_metrics: int = 0
+
+    @property
+    def best(self) -> Optional[TrialRow]:
+        ok = [r for r in self.rows if r.metric is not None and r.status not in BROKEN_STATUSES]
+        return ok[0] if ok else None
+
+
+@dataclass
+class TrialRecord:
+    """One trial read back from MLflow with its curves (what ``schedtune report`` plots)."""
+    trial_id: str
+    run_id: str
+    status: str
+    start_time: int
+    sampled: dict[str, Any]
+    history: list[dict[str, float]]
+    trace: Optional[dict] = None
+    num_classes: Optional[int] = None
+    metric: Optional[float] = None          # the trial's score (None: diverged / failed / no value)
+    diagnosis: Optional[Diagnosis] = None
+
+
+@dataclass
+class ExperimentRecord:
+    name: str
+    parent_run_id: str
+    metric: str
+    mode: str
+    space: Optional[dict] = None            # key -> tuning.spec.Dist (None: no search-space file)
+    trials: list[TrialRecord] = field(default_factory=list)

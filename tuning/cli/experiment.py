@@ -1,0 +1,39 @@
+"""``schedtune tune FILE`` and ``schedtune validate FILE``."""
+from __future__ import annotations
+
+import argparse
+
+from tuning.cli.args import add_experiment_args, add_tracking_args, load, positive_int
+
+
+def configure_tune(p: argparse.ArgumentParser) -> None:
+    add_experiment_args(p)
+    add_tracking_args(p)
+    p.add_argument("--address", help="join this Ray cluster (host:port of its GCS, or 'auto') instead of "
+                                     "starting a private local one")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local cluster (default: this machine's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest interrupted run of this experiment (finished trials are kept)")
+
+
+def run_tune(args) -> int:
+    spec = load(args)  # every input error surfaces here, before Ray starts
+    from tuning.analysis.report import summary
+    from tuning.driver.experiment import run_experiment
+
+    result = run_experiment(spec, storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
+                            resume=args.resume, num_cpus=args.num_cpus)
+    print()
+    print(summary(result, spec))
+    return 0 if result.best else 1
+
+
+def configure_validate(p: argparse.ArgumentParser) -> None:
+    add_experiment_args(p)
+
+
+def run_validate(args) -> int:
+    spec = load(args)
+    print(f"{spec.file}: OK")
+    print(spec.describe())
+    return 0

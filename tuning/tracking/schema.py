@@ -1,0 +1,77 @@
+"""Every name schedtune writes to MLflow: run tags, params and artifact paths, in one place.
+
+The MLflow layout (DESIGN.md, "MLflow layout") is a contract with the people who read the UI, with
+``--resume`` (runs are found again by tags) and with the commands that read runs back (runs, report,
+ensemble, export): a name is written here once and imported wherever it is used.
+"""
+from __future__ import annotations
+
+# -- MLflow's own tags
+PARENT_RUN_ID = "mlflow.parentRunId"             # nests a trial run under its experiment run
+EXPERIMENT_KIND = "mlflow.experimentKind"         # MLflow 3: which view the UI opens an experiment in
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+
+# -- every schedtune run
+ROLE = "schedtune.role"                          # experiment | ensemble | recipe | recipe-step
+ROLE_EXPERIMENT, ROLE_ENSEMBLE, ROLE_RECIPE, ROLE_RECIPE_STEP = "experiment", "ensemble", "recipe", "recipe-step"
+
+# -- the experiment (parent) run
+RUN_DIR = "schedtune.run_dir"                    # where Tune keeps this invocation: finds the run on --resume
+SPACE_FILE = "schedtune.space_file"
+SPACE_SHA256 = "schedtune.space_sha256"
+BEST_TRIAL_ID = "schedtune.best_trial_id"
+BEST_RUN_ID = "schedtune.best_run_id"
+MODEL_VERSION = "schedtune.model_version"
+LOST_METRICS = "schedtune.lost_metrics"
+PARENT_PARAMS = ("search", "num_samples", "metric", "mode", "scheduler", "seed")
+PARAM_METRIC, PARAM_MODE = "metric", "mode"
+
+# -- a trial (child) run
+TRIAL_ID = "schedtune.trial_id"
+STATUS = "schedtune.status"                      # running, then how it ended (analysis.results.end_state)
+STATUS_RUNNING = "running"
+END_EPOCH = "schedtune.end_epoch"
+DIVERGED_STEP = "schedtune.diverged_step"
+DIVERGED_LR = "schedtune.diverged_lr"
+ERROR_FILE = "schedtune.error_file"
+DIAGNOSIS = "schedtune.diagnosis"
+DIAGNOSIS_EVIDENCE = "schedtune.diagnosis_evidence"
+MODEL_WEIGHTS = "schedtune.model_weights"        # raw | ema: which weights the trial's model is
+
+
+def checkpoint_epoch_tag(label: str) -> str:
+    """``schedtune.checkpoint_best_epoch`` / ``schedtune.checkpoint_last_epoch``."""
+    return f"schedtune.checkpoint_{label}_epoch"
+
+
+# -- an ensemble run
+EXPERIMENT_RUN_ID = "schedtune.experiment_run_id"
+MEMBERS = "schedtune.members"
+MEMBER_TRIALS = "schedtune.member_trials"
+
+
+def member_tag(i: int) -> str:
+    return f"schedtune.member.{i}"
+
+
+# -- a recipe run and its steps
+RECIPE_STEPS = "schedtune.recipe_steps"
+RECIPE_STEP = "schedtune.recipe_step"
+VERDICT = "schedtune.verdict"
+SUMMARY = "schedtune.summary"
+
+# -- Ray job metadata (the job API, not MLflow: the same namespace, kept here with the rest)
+JOB_EXPERIMENT = "schedtune.experiment"
+JOB_USER = "schedtune.user"
+
+# -- artifact paths
+SEARCH_SPACE_ARTIFACT = "search_space.yaml"
+RESULTS_ARTIFACT = "results.md"
+PLOTS_DIR = "plots"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_CHECKPOINT = "checkpoints/best"
+LAST_CHECKPOINT = "checkpoints/last"
+LAST_TRACE = "checkpoints/last/trace.json"
+LAST_META = "checkpoints/last/meta.json"
+ENSEMBLE_ARTIFACT = "ensemble.txt"
+MODEL_ARTIFACT = "model"
