@@ -2,7 +2,7 @@
 
 Every overlay must render with `kubectl kustomize`; its core objects must validate strictly against
 Kubernetes' own schemas (kubernetes-validate) and its KubeRay objects against the KubeRay v1.7 CRD
-schemas in ../shared/k8s-schemas/, made strict; the Ray objects, the shared volumes and the cpu
+schemas vendored in deploy/schemas/kuberay-v1.7.0/, made strict; the Ray objects, the shared volumes and the cpu
 overlay's object store must fit together. Commands in the image, the RayJob and deploy/README.md are
 checked in tests/deploy/test_deploy_commands.py; the security side (hardened containers,
 no secret values, the Secrets the README creates, NetworkPolicies, checkov) is
@@ -30,11 +30,12 @@ except ModuleNotFoundError:   # Python 3.10
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 OVERLAYS = sorted(p.parent.name for p in (DEPLOY / "overlays").glob("*/kustomization.yaml"))
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "k8s-schemas"
+KUBERAY_SCHEMAS = DEPLOY / "schemas" / "kuberay-v1.7.0"   # vendored: a fresh clone validates too
 CRD_SCHEMA_FILES = {"RayCluster": "raycluster_v1.json", "RayJob": "rayjob_v1.json",
                     "RayService": "rayservice_v1.json"}
 K8S_VERSION = "1.32"         # a version kubernetes-validate bundles; the kubectl here is 1.32
 NAMESPACE = "schedtune"
+CLUSTER_SCOPED = {"Namespace", "StorageClass", "PriorityClass"}   # kinds with no namespace
 IMAGE_HOME = "/home/ray/schedtune"   # WORKDIR of deploy/Dockerfile: the repository's copy
 
 
@@ -83,6 +84,8 @@ def pod_specs(docs: list[dict]) -> dict[str, dict]:
         name = f"{d['kind']}/{d['metadata']['name']}"
         if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
             specs[name] = d["spec"]["template"]["spec"]
+        elif d["kind"] == "CronJob":
+            specs[name] = d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         elif d["kind"] == "RayCluster":
             specs.update({f"{name}/{g}": s for g, s in ray_pod_specs(d["spec"]).items()})
         elif d["kind"] == "RayJob":
@@ -106,12 +109,16 @@ def walk(node, path=""):
 def test_overlay_renders(overlay):
     docs = render(overlay)
     kinds = {d["kind"] for d in docs}
-    assert {"RayCluster", "RayJob", "Deployment", "StatefulSet", "Service",
-            "NetworkPolicy", "PersistentVolumeClaim"} <= kinds
+    assert {"RayCluster", "RayJob", "Deployment", "StatefulSet", "Service", "CronJob",
+            "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "PriorityClass",
+            "StorageClass"} <= kinds
     for d in docs:
         assert d.get("apiVersion") and d["metadata"].get("name"), d
-        if d["kind"] != "Namespace":
-            assert d["metadata"].get("namespace") == NAMESPACE, f"{d['kind']}/{d['metadata']['name']}"
+        where = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in d["metadata"], f"{where} is cluster-scoped"
+        else:
+            assert d["metadata"].get("namespace") == NAMESPACE, where
 
 
 def test_overlays_exist():
@@ -160,9 +167,6 @@ def kuberay_validator(kind: str):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ray_objects_validate_against_kuberay_crds(overlay):
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS} (they live in the "
-                    "project's shared/ folder beside the repository, not in a clone)")
     ray_docs = [d for d in render(overlay) if d["apiVersion"].split("/")[0] == "ray.io"]
     assert ray_docs
     errors = []
@@ -176,14 +180,28 @@ def test_ray_objects_validate_against_kuberay_crds(overlay):
 
 def test_strict_schema_rejects_unknown_fields():
     """The strict KubeRay check is strict: a misspelt field is an error."""
-    if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS}")
     cluster = one(render(OVERLAYS[0]), "RayCluster")
     cluster["spec"]["headGroupSpec"]["rayStartParms"] = {}
     cluster["spec"]["authOptions"]["secret"] = "x"
     messages = [e.message for e in kuberay_validator("RayCluster").iter_errors(cluster)]
     assert any("rayStartParms" in m for m in messages), messages
     assert any("'secret'" in m for m in messages), messages
+
+
+def test_vendored_schemas_are_the_ones_their_readme_names():
+    """The vendored files are byte for byte the ones deploy/schemas/kuberay-v1.7.0/README.md lists
+    (name and sha256), each the schema of the kind it is used for."""
+    import hashlib
+
+    listed = dict(re.findall(r"\| `(\w+_v1\.json)` \| \w+ \| `([0-9a-f]{64})` \|",
+                             (KUBERAY_SCHEMAS / "README.md").read_text()))
+    assert set(listed) == set(CRD_SCHEMA_FILES.values()), listed
+    for kind, name in CRD_SCHEMA_FILES.items():
+        data = (KUBERAY_SCHEMAS / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == listed[name], f"{name} differs from the README's sha256"
+        schema = json.loads(data)
+        assert schema["properties"]["kind"]["type"] == "string" and "spec" in schema["properties"], name
+    assert "Apache License" in (KUBERAY_SCHEMAS / "LICENSE").read_text()
 
 
 # --- what the Ray objects must say ---------------------------------------------------------------
@@ -202,7 +220,7 @@ def test_raycluster_shape(overlay):
     cluster, job = one(docs, "RayCluster"), one(docs, "RayJob")
     spec = cluster["spec"]
     assert spec["rayVersion"] == pinned_ray_version()
-    assert spec["authOptions"]["mode"] == "token" and spec["authOptions"]["secretName"]
+    assert spec["authOptions"]["mode"] == "token"   # its Secret: test_deploy_security.py
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head must not train"
     assert spec["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
@@ -223,8 +241,6 @@ def test_raycluster_shape(overlay):
             assert g["maxReplicas"] > 0
     # The RayJob's cluster is the RayCluster's spec (kustomize replacements, after the patches).
     assert job["spec"]["rayClusterSpec"] == spec
-    assert job["spec"]["shutdownAfterJobFinishes"] is True
-    assert job["spec"]["ttlSecondsAfterFinished"] > 0
 
 
 def rayjob_search_space(job: dict) -> Path:
@@ -269,33 +285,38 @@ def by_name(docs: list[dict], kind: str) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_mlflow_artifacts_go_to_a_bucket(overlay):
-    """Both overlays keep MLflow's artifacts in an S3 bucket; the cpu overlay runs the store itself
-    (MinIO): MLflow's endpoint is MinIO's Service and S3 port, the bucket is the one MinIO makes,
-    MinIO's data directory is a claim, and its probes are MinIO's health endpoints."""
+def test_mlflow_artifacts_store(overlay):
+    """The gpu overlay keeps MLflow's artifacts in an S3 bucket, with the keys MLflow needs as
+    required references; the cpu overlay on a volume that MLflow alone mounts (no object store to
+    run, patch or hold keys for), of the class that retains its disk, served through MLflow."""
     docs = render(overlay)
     (config,) = [d["data"] for d in docs if d["kind"] == "ConfigMap"
                  and d["metadata"]["name"].startswith("mlflow-config")]
-    bucket = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?",
-                          config["MLFLOW_ARTIFACTS_DESTINATION"])
-    assert bucket, f"{overlay}: MLFLOW_ARTIFACTS_DESTINATION is not an s3:// bucket: {config}"
-    if overlay != "cpu":
-        assert "minio" not in by_name(docs, "Deployment") and "MLFLOW_S3_ENDPOINT_URL" not in config
+    destination = config["MLFLOW_ARTIFACTS_DESTINATION"]
+    assert "minio" not in {d["metadata"]["name"] for d in docs}, "MinIO's last image gets no patches"
+    pods = pod_specs(docs)
+    mlflow_pod = pods["Deployment/mlflow"]
+    (server,) = mlflow_pod["containers"]
+    assert "--serve-artifacts" in server["args"][-1]
+    env = {e["name"]: e for e in server.get("env", [])}
+    if overlay == "cpu":
+        mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+        assert destination in mounts, f"{destination} is not a mount of the MLflow container"
+        volume = {v["name"]: v for v in mlflow_pod["volumes"]}[mounts[destination]]
+        claim = by_name(docs, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+        storage_class = by_name(docs, "StorageClass")[claim["spec"]["storageClassName"]]
+        assert storage_class["reclaimPolicy"] == "Retain"
+        assert by_name(docs, "Deployment")["mlflow"]["spec"]["strategy"]["type"] == "Recreate", \
+            "a ReadWriteOnce volume: the old pod must let go before the new one mounts it"
+        users = [name for name, pod in pods.items()
+                 if any(v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
+                        for v in pod.get("volumes", []))]
+        assert users == ["Deployment/mlflow"], users
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
         return
-    pod = by_name(docs, "Deployment")["minio"]["spec"]["template"]
-    (minio,) = pod["spec"]["containers"]
-    endpoint = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", config["MLFLOW_S3_ENDPOINT_URL"])
-    assert endpoint, f"{config['MLFLOW_S3_ENDPOINT_URL']}: expected http://SERVICE:PORT"
-    service = by_name(docs, "Service")[endpoint.group(1)]["spec"]
-    assert service["selector"].items() <= pod["metadata"]["labels"].items()
-    (port,) = [p["targetPort"] for p in service["ports"] if p["port"] == int(endpoint.group(2))]
-    assert {p["name"]: p["containerPort"] for p in minio["ports"]}[port] == 9000
-    assert minio["args"][:2] == ["server", "/data"]
-    assert minio["args"][minio["args"].index("--address") + 1] == ":9000"
-    assert {"name": "MINIO_BUCKET", "value": bucket.group(1)} in minio["env"]
-    assert '"local/$MINIO_BUCKET"' in minio["lifecycle"]["postStart"]["exec"]["command"][-1]
-    (data,) = [m["name"] for m in minio["volumeMounts"] if m["mountPath"] == "/data"]
-    (claim,) = [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if v["name"] == data]
-    assert claim in by_name(docs, "PersistentVolumeClaim")
-    for probe, path in (("readinessProbe", "/minio/health/ready"), ("livenessProbe", "/minio/health/live")):
-        assert minio[probe]["httpGet"] == {"path": path, "port": "s3"}, probe
+    bucket = re.fullmatch(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/.*)?", destination)
+    assert bucket, f"{overlay}: MLFLOW_ARTIFACTS_DESTINATION is not an s3:// bucket: {config}"
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        ref = env[key]["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == key and not ref.get("optional", False), \
+            f"{key} must be required: without it the AWS SDK falls back to the node's role"

@@ -11,7 +11,7 @@ import shlex
 
 import pytest
 
-from tests.test_deploy import (DEPLOY, IMAGE_HOME, OVERLAYS, REPO, one, pinned_ray_version, rayjob_search_space, render,
+from tests.deploy.test_deploy import (DEPLOY, IMAGE_HOME, OVERLAYS, REPO, one, pinned_ray_version, rayjob_search_space, render,
                                tomllib)
 
 
@@ -52,7 +52,7 @@ def test_rayjob_entrypoint_is_a_schedtune_command(overlay):
     """Every rendered RayJob runs `schedtune tune ... --address auto`: without --address, tune
     starts a private local Ray inside the head pod and the RayJob's cluster idles. (The jobs that
     `schedtune submit` sends pass it too.)"""
-    from tuning.submit import entrypoint
+    from tuning.driver.submit import entrypoint
 
     assert cli_parser().parse_args(shlex.split(entrypoint("x.yaml", {}, None, None))[3:]).address == "auto"
     job = one(render(overlay), "RayJob")
@@ -61,6 +61,11 @@ def test_rayjob_entrypoint_is_a_schedtune_command(overlay):
     assert args.address == "auto", f"{overlay}: the RayJob runs `schedtune tune` without --address auto"
     assert args.tracking_uri == "http://mlflow:5000"
     assert args.storage == "/mnt/results"
+    # KubeRay resubmits an HTTPMode RayJob to a head that lost its record (kuberay#4824), and the
+    # RayJob's backoffLimit retries on a new cluster: both must continue the experiment's run on
+    # the results volume, not start it again from trial 0.
+    assert "--resume-if-present" in argv and args.resume_if_present is True, \
+        f"{overlay}: the RayJob's entrypoint does not continue an interrupted run"
     assert ("--smoke" in argv) == (overlay == "cpu")
     in_repo = rayjob_search_space(job)
     assert in_repo.is_file(), f"the RayJob runs {argv[2]}, but {in_repo} does not exist"
@@ -140,3 +145,39 @@ def test_image_is_the_pinned_ray_image_and_not_root():
     assert users and users[-1].split(":")[0] in ("1000", "ray")
     workdirs = [arg for op, arg in instructions if op == "WORKDIR"]
     assert workdirs[-1] == IMAGE_HOME
+
+
+# --- the image's Python packages -----------------------------------------------------------------
+
+def constraint_pins() -> dict[str, str]:
+    pins = {}
+    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            m = re.fullmatch(r"([a-z0-9][a-z0-9-]*)==([0-9][\w.]*)", line)
+            assert m, f"deploy/constraints.txt: {line!r} is not a canonical name==version pin"
+            assert m.group(1) not in pins, f"deploy/constraints.txt pins {m.group(1)} twice"
+            pins[m.group(1)] = m.group(2)
+    return pins
+
+
+def test_image_build_installs_pinned_versions():
+    """The Dockerfile installs with deploy/constraints.txt, which the build context includes, and
+    pins every direct dependency at a version pyproject.toml allows: two builds of one commit get
+    the same packages."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = constraint_pins()
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in map(Requirement, deps):
+        name = canonicalize_name(dep.name)
+        assert name in pins, f"deploy/constraints.txt does not pin {name}"
+        assert dep.specifier.contains(pins[name], prereleases=True), \
+            f"deploy/constraints.txt pins {name}=={pins[name]}, outside pyproject.toml's {dep}"
+    runs = [arg for op, arg in dockerfile_instructions() if op == "RUN" and "pip install" in arg]
+    installs = [part for arg in runs for part in arg.split("pip install")[1:]]
+    assert installs and all("deploy/constraints.txt" in part for part in installs), \
+        "a pip install in deploy/Dockerfile ignores deploy/constraints.txt"
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert "deploy" in ignore and ignore.index("!deploy/constraints.txt") > ignore.index("deploy"), \
+        "deploy/constraints.txt must be in the build context (Dockerfile.dockerignore)"

@@ -1,8 +1,10 @@
-"""Deploy manifests, security side: hardened containers, no secret values, NetworkPolicies, checkov."""
+"""Deploy manifests, security side: hardened containers, no secret values, Kubernetes API tokens,
+Ray tokens, image pinning, NetworkPolicies (ingress and egress, evaluated as a CNI would), checkov."""
 from __future__ import annotations
 
 import copy
 import functools
+import ipaddress
 import json
 import os
 import re
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_deploy import DEPLOY, OVERLAYS, REPO, _render_text, pod_specs, ray_pod_specs, render, walk
+from tests.deploy.test_deploy import DEPLOY, OVERLAYS, REPO, _render_text, one, pod_specs, ray_pod_specs, render, walk
 
 SECRETISH = re.compile(r"PASSWORD|TOKEN|SECRET|_KEY\b|_KEY_ID\b|CREDENTIAL", re.IGNORECASE)
 CHECKOV_TIMEOUT_S = 300
@@ -114,7 +116,9 @@ def referenced_secrets(docs: list[dict]) -> dict[str, set[str]]:
             if isinstance(secret, dict) and "secretName" in secret:
                 keys = {i["key"] for i in secret.get("items", [])}
                 refs.setdefault(secret["secretName"], set()).update(keys)
-        if d["kind"] == "RayCluster":   # KubeRay reads the token from the `auth_token` key
+        # KubeRay reads a named token Secret's `auth_token` key; with no name it generates the
+        # Secret itself (test_every_ray_cluster_gets_its_own_token), which nobody creates.
+        if d["kind"] == "RayCluster" and d["spec"]["authOptions"].get("secretName"):
             refs.setdefault(d["spec"]["authOptions"]["secretName"], set()).add("auth_token")
     return refs
 
@@ -137,65 +141,358 @@ def test_readme_creates_every_secret_the_manifests_read(overlay):
     assert not missing, "\n".join(missing)
 
 
+# --- Kubernetes API tokens and Ray tokens ---------------------------------------------------------
+
+SA_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+def ray_cluster_specs(docs: list[dict]) -> dict[str, dict]:
+    """Every Ray cluster spec the overlay makes: the RayCluster's and each RayJob's copy."""
+    specs = {}
+    for d in docs:
+        if d["kind"] == "RayCluster":
+            specs[f"RayCluster/{d['metadata']['name']}"] = d["spec"]
+        elif d["kind"] == "RayJob":
+            specs[f"RayJob/{d['metadata']['name']}"] = d["spec"]["rayClusterSpec"]
+    return specs
+
+
+def token_volumes(pod: dict) -> dict[str, dict]:
+    """Volumes of the pod that carry a service-account token (projected serviceAccountToken)."""
+    return {v["name"]: v for v in pod.get("volumes", [])
+            if any("serviceAccountToken" in src for src in v.get("projected", {}).get("sources", []))}
+
+
+def token_problems(cluster: dict) -> list[str]:
+    """Why job code in this Ray cluster could hold a Kubernetes API token, or why the autoscaler
+    could not."""
+    problems = []
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    if head.get("automountServiceAccountToken") is not False:
+        problems.append("head: the kubelet mounts the service-account token into every container")
+    tokens = token_volumes(head)
+    for c in containers_of(head):
+        for m in c.get("volumeMounts", []):
+            if m["name"] in tokens or m["mountPath"].rstrip("/") == SA_TOKEN_DIR:
+                problems.append(f"head/{c['name']}: mounts a Kubernetes token ({m['mountPath']})")
+    mounts = cluster.get("autoscalerOptions", {}).get("volumeMounts", [])
+    held = [m for m in mounts if m["name"] in tokens]
+    if len(held) != 1 or held[0]["mountPath"] != SA_TOKEN_DIR or held[0].get("readOnly") is not True:
+        problems.append(f"autoscaler: no read-only token at {SA_TOKEN_DIR} ({held})")
+    else:
+        files = {src.get("serviceAccountToken", {}).get("path") for src in
+                 tokens[held[0]["name"]]["projected"]["sources"]}
+        files |= {i["path"] for src in tokens[held[0]["name"]]["projected"]["sources"]
+                  for i in (src.get("configMap") or src.get("downwardAPI") or {}).get("items", [])}
+        if not {"token", "ca.crt", "namespace"} <= files:
+            problems.append(f"autoscaler: the token volume lacks token, ca.crt or namespace: {files}")
+    ray_mounts = {m["name"] for c in containers_of(head) for m in c.get("volumeMounts", [])}
+    shared = sorted(ray_mounts & {m["name"] for m in mounts})
+    if shared:   # job code could plant files there that the autoscaler reads or imports
+        problems.append(f"autoscaler: shares volumes {shared} with the Ray container")
+    for group in cluster.get("workerGroupSpecs", []):
+        pod = group["template"]["spec"]
+        if pod.get("automountServiceAccountToken") is not False or token_volumes(pod):
+            problems.append(f"worker {group['groupName']}: holds a Kubernetes token")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_autoscaler_holds_a_kubernetes_token(overlay):
+    """KubeRay's Role for the head's service account may patch every pod and RayCluster in the
+    namespace; job code runs in the Ray containers, so only the autoscaler container mounts the
+    token, and no other pod here mounts one at all."""
+    docs = render(overlay)
+    clusters = ray_cluster_specs(docs)
+    assert len(clusters) == 2, clusters.keys()
+    problems = [f"{name}: {p}" for name, spec in clusters.items() for p in token_problems(spec)]
+    for name, pod in pod_specs(docs).items():
+        if name.startswith(("RayCluster/", "RayJob/")):
+            continue
+        account = next((d for d in docs if d["kind"] == "ServiceAccount"
+                        and d["metadata"]["name"] == pod.get("serviceAccountName")), {})
+        if pod.get("automountServiceAccountToken", account.get("automountServiceAccountToken")) is not False:
+            problems.append(f"{name}: mounts a service-account token")
+    assert not problems, "\n".join(problems)
+
+
+def test_token_check_finds_a_token_in_the_ray_container():
+    cluster = copy.deepcopy(one(render(OVERLAYS[0]), "RayCluster")["spec"])
+    assert not token_problems(cluster)
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    head["containers"][0]["volumeMounts"].append({"name": "kube-api-access", "mountPath": "/k"})
+    del head["automountServiceAccountToken"]
+    problems = "\n".join(token_problems(cluster))
+    assert "head/ray-head: mounts a Kubernetes token" in problems
+    assert "the kubelet mounts the service-account token" in problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drivers_run_off_the_head(overlay):
+    """The head has no CPU for Ray to schedule and the RayJob's driver reserves one, so Ray places
+    the driver, and with it the job's own code, on a worker."""
+    docs = render(overlay)
+    job = one(docs, "RayJob")
+    assert job["spec"]["entrypointNumCpus"] >= 1
+    for name, cluster in ray_cluster_specs(docs).items():
+        assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", name
+        assert any(float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                   >= job["spec"]["entrypointNumCpus"] for g in cluster["workerGroupSpecs"]), name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_cluster_gets_its_own_token(overlay):
+    """No cluster names a token Secret, so KubeRay generates one per cluster (named after it): a
+    RayJob's cluster does not get the long-lived cluster's token, nor it the RayJob's. No container
+    takes RAY_AUTH_TOKEN from a Secret of its own choosing either."""
+    docs = render(overlay)
+    for name, cluster in ray_cluster_specs(docs).items():
+        auth = cluster["authOptions"]
+        assert auth["mode"] == "token", name
+        assert not auth.get("secretName"), f"{name}: shares the token Secret {auth['secretName']!r}"
+        for path, node in walk(cluster):
+            for var in node.get("env", []) if isinstance(node.get("env"), list) else []:
+                assert var["name"] != "RAY_AUTH_TOKEN", f"{name}{path}: sets RAY_AUTH_TOKEN itself"
+
+
+# --- images ------------------------------------------------------------------------------------------
+
+IMAGE = re.compile(r"(?P<name>[^@:]+(?::\d+/[^@:]+)?)(?::(?P<tag>[\w][\w.-]*))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?")
+KIND_LOADED = {"cpu": {"schedtune"}}   # images `kind load docker-image` puts on the node
+
+
+def containers_with_images(docs: list[dict]) -> list[tuple[str, str, str]]:
+    """(where, image, pull policy) of every container, the autoscaler KubeRay adds included."""
+    found = []
+    for where, pod in pod_specs(docs).items():
+        for c in containers_of(pod):
+            found.append((f"{where}/{c['name']}", c["image"], c.get("imagePullPolicy", "")))
+    for name, cluster in ray_cluster_specs(docs).items():
+        opts = cluster.get("autoscalerOptions", {})
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        # KubeRay's defaults for the autoscaler: the head's image, pull policy IfNotPresent.
+        found.append((f"{name}/autoscaler", opts.get("image", head["image"]),
+                      opts.get("imagePullPolicy", "IfNotPresent")))
+    return found
+
+
+def image_problems(overlay: str, docs: list[dict]) -> list[str]:
+    problems = []
+    for where, image, policy in containers_with_images(docs):
+        m = IMAGE.fullmatch(image)
+        if not m or not (m["tag"] or m["digest"]) or m["tag"] == "latest":
+            problems.append(f"{where}: {image} is not pinned to a release tag or a digest")
+        elif m["digest"]:
+            continue   # immutable: any pull policy is correct
+        elif m["name"] in KIND_LOADED.get(overlay, set()):
+            if policy != "IfNotPresent":
+                problems.append(f"{where}: {image} is loaded into kind, so IfNotPresent, not {policy!r}")
+        elif policy != "Always":
+            problems.append(f"{where}: {image} is a tag that can be pushed again: pull Always "
+                            f"(or pin a digest), not {policy!r}")
+    return problems
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned_and_pulled_to_match(overlay):
+    """Every image is a release tag or a digest; a tag (which its publisher can push again) is
+    pulled Always, so that no node runs a stale copy under it; a digest may be cached. The only
+    exception is the cpu overlay's schedtune image, which exists on the kind node alone."""
+    problems = image_problems(overlay, render(overlay))
+    assert not problems, "\n".join(problems)
+
+
+def test_image_check_finds_mutable_tags():
+    docs = render("gpu")
+    mlflow = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    mlflow["containers"][0]["imagePullPolicy"] = "IfNotPresent"
+    mlflow["initContainers"][0]["image"] = "ghcr.io/mlflow/mlflow:latest"
+    cluster = one(docs, "RayCluster")["spec"]
+    del cluster["autoscalerOptions"]["imagePullPolicy"]
+    problems = "\n".join(image_problems("gpu", docs))
+    assert "mlflow/mlflow: ghcr.io/mlflow/mlflow:v3.17.2-full is a tag" in problems
+    assert "ghcr.io/mlflow/mlflow:latest is not pinned" in problems
+    assert "RayCluster/schedtune/autoscaler" in problems
+    digest = "sha256:" + "0" * 64
+    mlflow["containers"][0]["image"] = f"ghcr.io/mlflow/mlflow@{digest}"
+    assert "mlflow/mlflow: ghcr.io" not in "\n".join(image_problems("gpu", docs))
+
+
 # --- network policies ----------------------------------------------------------------------------
 
-def test_minio_reads_its_root_account_from_secret_files():
-    """The cpu overlay's MinIO takes its root account (MLflow's S3 keys) from the Secret MLflow reads
-    them from, mounted as files (MINIO_ROOT_*_FILE), never from environment variables."""
-    pods = pod_specs(render("cpu"))
-    (minio,) = pods["Deployment/minio"]["containers"]
-    env = {e["name"]: e for e in minio["env"]}
-    assert not {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY"} & set(env)
-    mounts = {m["name"]: m for m in minio["volumeMounts"]}
-    files = {f"{mounts[v['name']]['mountPath']}/{item['path']}": (v["secret"]["secretName"], item["key"])
-             for v in pods["Deployment/minio"]["volumes"]
-             if "secret" in v and mounts[v["name"]].get("readOnly") for item in v["secret"]["items"]}
-    mlflow = {e["name"]: e for e in pods["Deployment/mlflow"]["containers"][0]["env"]}
-    for file_var, s3_var in (("MINIO_ROOT_USER_FILE", "AWS_ACCESS_KEY_ID"),
-                             ("MINIO_ROOT_PASSWORD_FILE", "AWS_SECRET_ACCESS_KEY")):
-        ref = mlflow[s3_var]["valueFrom"]["secretKeyRef"]
-        assert files.get(env[file_var]["value"]) == (ref["name"], ref["key"]), \
-            f"{file_var} is not MLflow's {s3_var}"
+METADATA = ipaddress.ip_address("169.254.169.254")
+OWN_NAMESPACE = {"kubernetes.io/metadata.name": "schedtune"}
+
+
+def network_policies(docs: list[dict]) -> list[dict]:
+    policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy"]
+    for spec in policies:   # the evaluator below reads matchLabels only
+        for _, node in walk(spec):
+            assert "matchExpressions" not in node, "extend selects() for matchExpressions"
+    return policies
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def peer_admits(peer: dict, namespace: dict, pod: dict | None, address=None) -> bool:
+    """Whether a NetworkPolicy peer admits a pod (its namespace's labels, its labels) or, for
+    pod=None, an address outside the cluster's pods."""
+    if "ipBlock" in peer:
+        if address is None:
+            return False   # pod IPs are not what these ipBlocks are for; treated as no match
+        block = peer["ipBlock"]
+        return (address in ipaddress.ip_network(block["cidr"])
+                and not any(address in ipaddress.ip_network(e) for e in block.get("except", [])))
+    if pod is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], namespace):
+            return False
+    elif namespace != OWN_NAMESPACE:
+        return False
+    return selects(peer.get("podSelector", {}), pod)
+
+
+def port_admits(rule: dict, port: int, protocol: str) -> bool:
+    return "ports" not in rule or any(p.get("port") == port and p.get("protocol", "TCP") == protocol
+                                      for p in rule["ports"])
+
+
+def admits(policies: list[dict], direction: str, pod: dict, peer_namespace: dict, peer: dict | None,
+           port: int, protocol: str = "TCP", address=None) -> bool:
+    """Whether the policies selecting `pod` (in this namespace) admit traffic in `direction`
+    ("Ingress" from, "Egress" to) the peer on the port, as the NetworkPolicy API defines it."""
+    key = "from" if direction == "Ingress" else "to"
+    applicable = [p for p in policies if selects(p["podSelector"], pod) and direction in p["policyTypes"]]
+    if not applicable:
+        return True   # a pod no policy isolates
+    return any(port_admits(rule, port, protocol)
+               and ("to" not in rule and "from" not in rule
+                    or any(peer_admits(x, peer_namespace, peer, address) for x in rule[key]))
+               for p in applicable for rule in p.get(direction.lower(), []))
+
+
+def can_connect(policies, src: dict, dst_namespace: dict, dst: dict | None, port: int,
+                protocol: str = "TCP", address=None) -> bool:
+    """src (a pod here) to dst (a pod in dst_namespace, or an address outside the pods)."""
+    out = admits(policies, "Egress", src, dst_namespace, dst, port, protocol, address)
+    if dst is None or dst_namespace != OWN_NAMESPACE:
+        return out   # other namespaces' and outside ingress rules are not ours to check
+    return out and admits(policies, "Ingress", dst, OWN_NAMESPACE, src, port, protocol)
+
+
+def pod_labels(docs: list[dict]) -> dict[str, dict]:
+    """Labels of the pods the overlay makes, including those KubeRay adds to Ray pods."""
+    labels = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            labels[d["metadata"]["name"]] = d["spec"]["template"]["metadata"]["labels"]
+        elif d["kind"] == "CronJob":
+            labels[d["metadata"]["name"]] = d["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        elif d["kind"] == "RayCluster":
+            head = d["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+            labels["ray-head"] = {**head, "ray.io/node-type": "head"}
+            for g in d["spec"]["workerGroupSpecs"]:
+                labels[f"ray-worker-{g['groupName']}"] = {
+                    **g["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+    return labels
+
+
+def metadata_leaks(policies: list[dict]) -> list[str]:
+    """Egress rules that admit the instance metadata address, or any destination at all."""
+    leaks = []
+    for spec in policies:
+        if "Egress" not in spec["policyTypes"]:
+            continue
+        for rule in spec.get("egress", []):
+            if "to" not in rule:
+                leaks.append(f"{spec['podSelector']}: an egress rule with no `to` admits every address")
+            for peer in rule.get("to", []):
+                if peer_admits(peer, {}, None, METADATA):
+                    leaks.append(f"{spec['podSelector']}: {peer['ipBlock']} admits {METADATA}")
+    return leaks
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_egress_is_denied_by_default_and_never_reaches_the_metadata_service(overlay):
+    """Every pod is isolated for egress, and no rule admits 169.254.169.254: job code cannot take
+    the node's cloud role from the instance metadata service."""
+    policies = network_policies(render(overlay))
+    deny = [p for p in policies if p["podSelector"] == {} and not p.get("egress") and not p.get("ingress")]
+    assert deny and {"Ingress", "Egress"} <= set(deny[0]["policyTypes"]), "no default deny of both"
+    assert not metadata_leaks(policies), "\n".join(metadata_leaks(policies))
+
+
+def test_metadata_check_finds_an_open_egress_rule():
+    policies = network_policies(render("gpu"))
+    assert not metadata_leaks(policies)
+    open_egress = {"podSelector": {}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]}, {}]}
+    leaks = "\n".join(metadata_leaks(policies + [open_egress]))
+    assert "admits 169.254.169.254" in leaks and "no `to` admits every address" in leaks
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policies(overlay):
+    """Who can talk to whom, evaluated from the rendered policies as a CNI would: what each pod
+    needs is admitted, and the paths an attacker with job code would want are not."""
     docs = render(overlay)
-    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
-    deny = [p for p in policies.values() if p["podSelector"] == {} and "ingress" not in p]
-    assert deny and "Ingress" in deny[0]["policyTypes"], "no default deny of ingress"
-
-    def rules_for(pods: dict) -> list[dict]:
-        """Ingress rules of the policies that select exactly these pod labels."""
-        return [r for p in policies.values() if p["podSelector"].get("matchLabels") == pods
-                for r in p.get("ingress", [])]
-
-    ray = {"app.kubernetes.io/component": "ray"}
-    dashboard = rules_for({**ray, "ray.io/node-type": "head"})
+    policies = network_policies(docs)
+    pods = pod_labels(docs)
+    head, worker, mlflow, postgres, backup = (pods["ray-head"], pods["ray-worker-cpu"], pods["mlflow"],
+                                              pods["postgres"], pods["postgres-backup"])
+    own = OWN_NAMESPACE
+    dns_ns, dns = {"kubernetes.io/metadata.name": "kube-system"}, {"k8s-app": "kube-dns"}
+    api_server = ipaddress.ip_address("172.18.0.2")   # kind's control-plane node (port 6443)
+    internet = ipaddress.ip_address("52.216.0.1")     # an S3 address
+    expected = {
+        # what must work
+        "worker -> head GCS": (can_connect(policies, worker, own, head, 6379), True),
+        "head -> worker raylet": (can_connect(policies, head, own, worker, 40000), True),
+        "worker -> MLflow": (can_connect(policies, worker, own, mlflow, 5000), True),
+        "MLflow -> PostgreSQL": (can_connect(policies, mlflow, own, postgres, 5432), True),
+        "backup -> PostgreSQL": (can_connect(policies, backup, own, postgres, 5432), True),
+        "head -> DNS": (can_connect(policies, head, dns_ns, dns, 53, "UDP"), True),
+        "PostgreSQL -> DNS": (can_connect(policies, postgres, dns_ns, dns, 53, "UDP"), True),
+        "head -> API server": (can_connect(policies, head, {}, None, 6443, address=api_server), True),
+        "operator -> head job API": (admits(policies, "Ingress", head,
+                                            {"kubernetes.io/metadata.name": "kuberay-system"}, {}, 8265), True),
+        "submitter namespace -> head job API": (admits(policies, "Ingress", head,
+                                                       {"schedtune.io/submitter": "true"}, {}, 8265), True),
+        "Prometheus -> worker metrics": (admits(policies, "Ingress", worker,
+                                                {"schedtune.io/metrics-scraper": "true"}, {}, 8080), True),
+        "worker -> package proxy": (can_connect(policies, worker, {"schedtune.io/egress-proxy": "true"},
+                                                {"app": "squid"}, 3128), True),
+        "MLflow -> object store": (can_connect(policies, mlflow, {}, None, 443, address=internet),
+                                   overlay != "cpu"),
+        # what job code must not reach
+        "worker -> PostgreSQL": (can_connect(policies, worker, own, postgres, 5432), False),
+        "worker -> API server": (can_connect(policies, worker, {}, None, 6443, address=api_server), False),
+        "worker -> internet": (can_connect(policies, worker, {}, None, 443, address=internet), False),
+        "head -> internet": (can_connect(policies, head, {}, None, 443, address=internet), False),
+        "worker -> metadata": (can_connect(policies, worker, {}, None, 80, address=METADATA), False),
+        "head -> metadata": (can_connect(policies, head, {}, None, 80, address=METADATA), False),
+        "MLflow -> metadata": (can_connect(policies, mlflow, {}, None, 80, address=METADATA), False),
+        "worker -> head job API from another namespace": (
+            admits(policies, "Ingress", head, {"kubernetes.io/metadata.name": "other"}, {}, 8265), False),
+        "other namespace -> MLflow": (admits(policies, "Ingress", mlflow,
+                                             {"kubernetes.io/metadata.name": "other"}, {}, 5000), False),
+        "MLflow -> Ray pods": (can_connect(policies, mlflow, own, worker, 8265), False),
+        "backup -> MLflow": (can_connect(policies, backup, own, mlflow, 5000), False),
+        "any pod -> other pods' DNS port": (can_connect(policies, worker, own, mlflow, 53, "UDP"), False),
+    }
+    wrong = [f"{path}: {'admitted' if got else 'denied'}, expected {'admitted' if want else 'denied'}"
+             for path, (got, want) in expected.items() if got != want]
+    assert not wrong, "\n".join(wrong)
+    # The job API's peers are exactly the submitter namespaces and the operator's.
+    dashboard = [r for p in policies if p["podSelector"].get("matchLabels", {}).get("ray.io/node-type") == "head"
+                 for r in p.get("ingress", [])]
     assert dashboard and all([pt["port"] for pt in r["ports"]] == [8265] for r in dashboard)
     for r in dashboard:
         for peer in r["from"]:
             assert set(peer) == {"namespaceSelector"}, peer
-            labels = peer["namespaceSelector"]["matchLabels"]
-            assert labels in ({"schedtune.io/submitter": "true"},
-                              {"kubernetes.io/metadata.name": "kuberay-system"}), labels
-    (internal,) = rules_for(ray)
-    assert internal["from"] == [{"podSelector": {"matchLabels": ray}}] and "ports" not in internal
-    (postgres,) = rules_for({"app.kubernetes.io/name": "postgres"})
-    assert postgres["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}]
-    assert [pt["port"] for pt in postgres["ports"]] == [5432]
-    (mlflow,) = rules_for({"app.kubernetes.io/name": "mlflow"})
-    assert [pt["port"] for pt in mlflow["ports"]] == [5000]
-    assert {"podSelector": {"matchLabels": ray}} in mlflow["from"]
-    assert all("podSelector" in peer or "namespaceSelector" in peer for peer in mlflow["from"])
-    # The object store (cpu overlay: MinIO) answers MLflow only, on its S3 port; Ray pods never reach it.
-    store = rules_for({"app.kubernetes.io/name": "minio"})
-    if any(d["kind"] == "Deployment" and d["metadata"]["name"] == "minio" for d in docs):
-        mlflow_pods = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "mlflow"}}}
-        assert [r["from"] for r in store] == [[mlflow_pods]]
-        assert [pt["port"] for pt in store[0]["ports"]] == [9000]
-    else:
-        assert not store, f"{overlay}: a MinIO policy without MinIO"
 
 
 # --- checkov -------------------------------------------------------------------------------------
@@ -221,7 +518,7 @@ def ray_pods_for_checkov(docs: list[dict]) -> list[dict]:
                 opts = d["spec"]["autoscalerOptions"]
                 spec["containers"].append({
                     "name": "autoscaler", "image": spec["containers"][0]["image"],
-                    "imagePullPolicy": spec["containers"][0].get("imagePullPolicy"),
+                    "imagePullPolicy": opts.get("imagePullPolicy", "IfNotPresent"),
                     **{k: opts[k] for k in ("env", "resources", "securityContext", "volumeMounts")
                        if k in opts}})
             pods.append({"apiVersion": "v1", "kind": "Pod",

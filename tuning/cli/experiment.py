@@ -12,17 +12,22 @@ def configure_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join this Ray cluster (host:port of its GCS, or 'auto') instead of "
                                      "starting a private local one")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local cluster (default: this machine's)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the latest interrupted run of this experiment (finished trials are kept)")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the latest interrupted run of this experiment (finished trials are kept); "
+                             "an error when there is none")
+    resume.add_argument("--resume-if-present", action="store_true",
+                        help="continue the latest interrupted run when there is one, else start a new run "
+                             "(what a retried Ray job wants)")
 
 
 def run_tune(args) -> int:
     spec = load(args)  # every input error surfaces here, before Ray starts
     from tuning.analysis.report import summary
-    from tuning.driver.experiment import run_experiment
+    from tuning.driver.experiment import IF_PRESENT, run_experiment
 
     result = run_experiment(spec, storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
-                            resume=args.resume, num_cpus=args.num_cpus)
+                            resume=IF_PRESENT if args.resume_if_present else args.resume, num_cpus=args.num_cpus)
     print()
     print(summary(result, spec))
     return 0 if result.best else 1

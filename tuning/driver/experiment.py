@@ -23,6 +23,9 @@ from tuning.driver.storage import latest_run_dir, resolve_storage
 from tuning.spec import ExperimentSpec, total_trials
 
 
+IF_PRESENT = "if-present"   # resume=IF_PRESENT: continue the latest run when there is one, else start one
+
+
 def check_pretrained_models(spec: ExperimentSpec, uri: str) -> None:
     """Every ``mlflow:`` model the trials would start from exists (the fixed one, and each value a
     searched ``model.pretrained`` can take): an error now, not a failure in every trial."""
@@ -36,10 +39,13 @@ def check_pretrained_models(spec: ExperimentSpec, uri: str) -> None:
 
 
 def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, tracking_uri: Optional[str] = None,
-                   address: Optional[str] = None, resume: bool = False, num_cpus: Optional[int] = None,
+                   address: Optional[str] = None, resume: bool | str = False, num_cpus: Optional[int] = None,
                    out: Callable[[str], None] = print, points: Optional[list[dict]] = None,
                    register_model: bool = True) -> ExperimentResult:
     """Run ``spec`` to the end on a private local Ray cluster (or the one at ``address``).
+    ``resume``: True continues the latest interrupted run (an error when there is none); ``IF_PRESENT``
+    continues it when there is one and starts a new run otherwise (a RayJob that is retried after its
+    head restarted, which must neither start over nor fail).
     ``points``: exactly these samples ({space key: value}) are run, instead of searching the space.
     ``register_model``: register the best trial's model (off for the recipe's intermediate searches).
 
@@ -53,11 +59,11 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
     check_pretrained_models(spec, uri)
     storage = resolve_storage(storage)
     name = spec.options.name
-    if resume:
-        run_dir = latest_run_dir(storage, name)
-        if run_dir is None:
-            raise FileNotFoundError(f"nothing to resume: no interrupted run of {name!r} under {storage}/{name}")
-    else:
+    run_dir = latest_run_dir(storage, name) if resume else None
+    if resume and run_dir is None and resume != IF_PRESENT:
+        raise FileNotFoundError(f"nothing to resume: no interrupted run of {name!r} under {storage}/{name}")
+    resume = run_dir is not None
+    if run_dir is None:
         run_dir = f"{storage}/{name}/{time.strftime('%Y%m%d-%H%M%S')}"
     cluster = None
     import ray
