@@ -1,10 +1,17 @@
 """Checkpoints: one directory per save holding ``checkpoint.pt`` (everything needed to resume
-exactly: weights, optimizer, scheduler step, EMA, RNG streams) and ``meta.json`` (epoch, step,
-metrics, the config), readable without torch.
+exactly: weights, optimizer moments, the step, EMA, RNG streams, the fp16 gradient scaler; loaded
+weights-only) and ``meta.json`` (epoch, step, metrics, the config), readable without torch.
+
+A state holds plain data only (tensors, numbers, strings, lists, dicts), and is loaded with
+``torch.load(weights_only=True)``: checkpoints live on shared storage, and a full unpickler would run
+whatever code a tampered file names on every worker that restores it. One that names any other
+object is refused (CheckpointError), before anything in it runs.
 """
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -56,9 +63,14 @@ def load(path: str | Path) -> dict[str, Any]:
     if not f.exists():
         raise CheckpointError(f"{f}: no such checkpoint file")
     try:
-        state = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle garbage, ...
-        raise CheckpointError(f"{f}: not a readable schedtune checkpoint ({type(e).__name__}: {e})") from e
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # an object beyond plain data (never built), a truncated zip, pickle garbage, ...
+        reason = _unpickler_reason(e) if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {e}"
+        if reason.startswith("Unsupported global"):
+            raise CheckpointError(f"{f}: refused: it holds an object that is not plain data ({reason}); a "
+                                  "schedtune checkpoint holds tensors, numbers, strings, lists and dicts only, "
+                                  "and is loaded weights-only so that a tampered file cannot run code") from e
+        raise CheckpointError(f"{f}: not a readable schedtune checkpoint ({reason})") from e
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{f}: not a schedtune checkpoint (no 'model' entry)")
     return state
@@ -79,15 +91,28 @@ def load_model_state(model: torch.nn.Module, path: str | Path, state: dict | Non
         raise CheckpointError(f"{state_file(path)}: does not fit this model: {' '.join(first)}") from e
 
 
-def rng_state(gen: torch.Generator) -> dict[str, Any]:
+def _unpickler_reason(e: Exception) -> str:
+    """The one line of torch's weights-only refusal that says what was refused (the rest is advice
+    on loading the file unsafely)."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global by default|\n|$)", str(e))
+    return found.group(1).strip() if found else f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+
+
+def rng_state(gen: torch.Generator, device_gen: torch.Generator | None = None) -> dict[str, Any]:
+    """Every random stream a resumed run continues: torch's global (CPU and CUDA) and the loop's
+    augmentation generators (``device_gen``: the one on an accelerator, where there is one)."""
     out = {"torch": torch.get_rng_state(), "aug": gen.get_state()}
+    if device_gen is not None:
+        out["aug_device"] = device_gen.get_state()
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
 
 
-def set_rng_state(s: dict[str, Any], gen: torch.Generator) -> None:
+def set_rng_state(s: dict[str, Any], gen: torch.Generator, device_gen: torch.Generator | None = None) -> None:
     torch.set_rng_state(s["torch"])
     gen.set_state(s["aug"])
+    if device_gen is not None and "aug_device" in s:
+        device_gen.set_state(s["aug_device"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

@@ -8,158 +8,64 @@ is per worker (the global batch is derived, see ``ScalingConfig.global_batch``).
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
+import copy
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-
-class ConfigError(ValueError):
-    """A config value is wrong: names the dotted key, the value and what was expected."""
-
-    def __init__(self, key: str, value: Any, expected: str, source: str | None = None):
-        self.key, self.value, self.expected, self.source = key, value, expected, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{key}: got {value!r}, expected {expected}")
-
-    def with_source(self, source: str, prefix: str = "") -> "ConfigError":
-        """The same error, re-rooted under ``prefix`` and attributed to ``source`` (a file)."""
-        key = f"{prefix}.{self.key}" if prefix else self.key
-        return ConfigError(key, self.value, self.expected, source)
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, expected)
-
-
-@dataclass(kw_only=True)
-class Section:
-    """Base of every config section: strict construction from plain dicts."""
-
-    def _validate(self) -> None:  # overridden by sections with range rules
-        pass
-
-    @classmethod
-    def from_dict(cls, d: Any, prefix: str = ""):
-        if isinstance(d, cls):
-            d = d.to_dict()
-        _check(isinstance(d, dict), prefix or "<root>", d, "a mapping")
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-            raise ConfigError(key, d[unknown[0]], f"one of the keys {names}")
-        kwargs = {}
-        for name in names:
-            if name in d:
-                key = f"{prefix}.{name}" if prefix else name
-                kwargs[name] = _coerce(hints[name], d[name], key)
-        obj = cls(**kwargs)
-        obj._validate_under(prefix)
-        return obj
-
-    def _validate_under(self, prefix: str) -> None:
-        try:
-            self._validate()
-        except ConfigError as e:
-            raise e.with_source(None, prefix) if prefix else e  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict:
-        """A plain, YAML/JSON-ready dict that ``from_dict`` turns back into an equal config."""
-        return _plain(self)
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, Section):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if isinstance(tp, type) and issubclass(tp, Section):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _coerce(tp: Any, v: Any, key: str) -> Any:
-    """Check ``v`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, Section):
-        return tp.from_dict(v, key)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if v is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, v, key)
-            except ConfigError:
-                continue
-        raise ConfigError(key, v, _type_name(tp))
-    if origin is Literal:
-        _check(v in typing.get_args(tp) and isinstance(v, type(typing.get_args(tp)[0])), key, v, _type_name(tp))
-        return v
-    if origin is list:
-        _check(isinstance(v, (list, tuple)), key, v, _type_name(tp))
-        (item,) = typing.get_args(tp)
-        return [_coerce(item, x, f"{key}[{i}]") for i, x in enumerate(v)]
-    if tp is bool:
-        _check(isinstance(v, bool), key, v, "true or false")
-        return v
-    if tp is int:
-        _check(isinstance(v, int) and not isinstance(v, bool), key, v, "an integer")
-        return v
-    if tp is float:
-        _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), key, v,
-               "a finite number")
-        return float(v)
-    if tp is str:
-        _check(isinstance(v, str), key, v, "a string")
-        return v
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")  # a bug in this module, not user input
+from training.names import (DATA_PLUGINS, DATASET_NAMES, MODEL_NAMES, MODEL_PLUGINS, RESERVED_ARGS,  # noqa: F401
+                            _check_args, _check_name, plugin_form)
+from training.typed import ConfigError, Section, _check  # noqa: F401  (ConfigError: every caller imports it from here)
 
 
 # ---------------------------------------------------------------------------- sections
 
 @dataclass(kw_only=True)
 class DataConfig(Section):
-    """Which dataset, how it is split, and input-side augmentation (images only)."""
-    name: str = "digits"                 # key in training.data.DATASETS
-    root: Optional[str] = None           # cifar10 / imagefolder: local directory
-    download: bool = False               # cifar10: fetch into root if missing (never implicit)
+    """Which dataset, how it is split, and input-side augmentation (images only).
+
+    ``name``: a key of training.data.DATASETS (DATASET_NAMES), ``torchvision:<Dataset>`` read from
+    ``root``, or ``package.module:callable`` (the user's factory; contracts in training.plugins).
+    """
+    name: str = "digits"                 # registry key or plug-in (see above)
+    root: Optional[str] = None           # cifar10 / imagefolder / torchvision:<Dataset>: local directory
+    download: bool = False               # cifar10 / torchvision:<Dataset>: fetch into root if missing (never implicit)
+    args: dict[str, Any] = field(default_factory=dict)  # plug-ins: extra keyword arguments (data.args.<key>)
     val_fraction: float = 0.2            # fraction held out for validation (ignored where a split exists)
     seed: int = 0                        # the train/val split's seed (not the training seed)
     num_samples: Optional[int] = None    # mnist1d / synthetic size; a cap on the training set elsewhere
     image_size: int = 32                 # imagefolder: resize + center-crop side
     augment: bool = False                # random crop (pad 4) + horizontal flip on image batches
-    loader_workers: int = 0              # torch DataLoader worker processes
+    # The input pipeline (training.pipeline): DataLoader worker processes ("auto": none for in-memory
+    # datasets, whose batch is one index op; else the worker's CPUs (scaling.cpus_per_worker) less the
+    # one that trains), and, with worker processes only, the batches each keeps ready and whether they
+    # live for the whole fit (created once, reshuffled every epoch) instead of being restarted per epoch.
+    loader_workers: Union[int, Literal["auto"]] = "auto"
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
 
     def _validate(self):
+        _check_name(self.name, DATASET_NAMES, DATA_PLUGINS)
+        _check_args("data", self.name, self.args)
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a number in (0, 1)")
         _check(self.num_samples is None or self.num_samples > 0, "num_samples", self.num_samples, "> 0")
         _check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
-        _check(self.loader_workers >= 0, "loader_workers", self.loader_workers, ">= 0")
+        _check(self.loader_workers == "auto" or self.loader_workers >= 0, "loader_workers", self.loader_workers,
+               "'auto' or >= 0")
+        _check(self.prefetch_factor >= 1, "prefetch_factor", self.prefetch_factor, ">= 1")
 
 
 @dataclass(kw_only=True)
 class ModelConfig(Section):
-    """Architecture and transfer learning. Registry keys live in training.models.MODELS."""
+    """Architecture and transfer learning.
+
+    ``name``: a key of training.models.MODELS (MODEL_NAMES), ``timm:<architecture>``,
+    ``torchvision:<architecture>``, or ``package.module:callable`` (the user's factory; contracts in
+    training.plugins). ``args``: the plug-in's extra keyword arguments, each searchable as ``model.args.<key>``.
+    """
     name: str = "mlp"
+    args: dict[str, Any] = field(default_factory=dict)  # plug-ins only: keyword arguments of the builder
     hidden: list[int] = field(default_factory=lambda: [128])   # mlp hidden widths
     channels: list[int] = field(default_factory=lambda: [32, 64])  # small_cnn conv widths
     dropout: float = 0.0
@@ -171,6 +77,12 @@ class ModelConfig(Section):
     backbone_lr_mult: Optional[float] = None  # default: 1.0 for full, 0.1 for finetune_last_n
 
     def _validate(self):
+        _check_name(self.name, MODEL_NAMES, MODEL_PLUGINS)
+        _check_args("model", self.name, self.args)
+        form = plugin_form(self.name)
+        _check(self.dropout == 0 or form is None or form[0] != "callable", "dropout", self.dropout,
+               "0 for a package.module:callable model (schedtune cannot place it: give your factory its own "
+               "dropout argument under model.args, searchable as model.args.<key>)")
         _check(all(h > 0 for h in self.hidden), "hidden", self.hidden, "positive widths")
         _check(len(self.channels) > 0 and all(c > 0 for c in self.channels), "channels", self.channels,
                "a non-empty list of positive widths")
@@ -217,12 +129,15 @@ class OptimConfig(Section):
 @dataclass(kw_only=True)
 class ScheduleConfig(Section):
     """LR schedule as a multiplier of the peak LR; warmup composes with every schedule."""
-    name: Literal["constant", "step", "cosine", "linear", "inverse_sqrt", "cyclic_cosine"] = "constant"
+    name: Literal["constant", "step", "cosine", "linear", "inverse_sqrt", "cyclic_cosine", "wsd"] = "constant"
     # step: where the LR drops, as fractions of the post-warmup phase (the steps after warmup; with no
     # warmup, of all steps): milestone m is at step W + round(m * (total_steps - W)), W = warmup steps
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1                   # step: factor applied at each milestone
-    min_factor: float = 0.0              # cosine / linear / cyclic_cosine: floor as a fraction of peak
+    min_factor: float = 0.0              # cosine / linear / cyclic_cosine / wsd: floor as a fraction of peak
+    # wsd (warmup-stable-decay): the peak, then a linear decay to min_factor over this last fraction
+    # of the post-warmup phase (1.0: the linear schedule)
+    decay_fraction: float = 0.2
     cycles: int = 3                      # cyclic_cosine: number of equal-length warm-restart cycles
     warmup: Literal["none", "linear", "constant"] = "none"
     warmup_epochs: float = 0.0
@@ -236,6 +151,7 @@ class ScheduleConfig(Section):
         _check(0 < self.gamma <= 1, "gamma", self.gamma, "a number in (0, 1]")
         _check(0 <= self.min_factor < 1, "min_factor", self.min_factor, "a number in [0, 1)")
         _check(self.cycles >= 1, "cycles", self.cycles, ">= 1")
+        _check(0 < self.decay_fraction <= 1, "decay_fraction", self.decay_fraction, "a number in (0, 1]")
         _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
         _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         _check(0 <= self.warmup_start_factor <= 1, "warmup_start_factor", self.warmup_start_factor,
@@ -271,6 +187,11 @@ class ScalingConfig(Section):
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0         # only when use_gpu
     sync_batchnorm: bool = False         # default: BN statistics stay per worker (Goyal et al.); GPU only
+    # Where Ray puts a trial's worker group (Train's placement strategy): "pack" fills as few nodes as
+    # possible (DDP's all-reduce stays on a node's memory bus); "spread" puts each worker on a node of
+    # its own where nodes are free (one lost node costs one worker's share, not the whole group).
+    # Both are soft: a group that does not fit the preference still starts.
+    placement: Literal["pack", "spread"] = "pack"
 
     def _validate(self):
         _check(not self.sync_batchnorm or self.use_gpu, "sync_batchnorm", self.sync_batchnorm,
@@ -299,6 +220,24 @@ class CheckpointConfig(Section):
 
 
 @dataclass(kw_only=True)
+class RungEvalConfig(Section):
+    """Cooldown forks (training.cooldown): at the end of each epoch in ``epochs``, a copy of the model
+    and optimizer trains ``cooldown_fraction`` x the optimizer steps so far with its LR decaying
+    linearly to 0, and is evaluated on the validation split; its ``rung_val_acc``, ``rung_val_loss``
+    and ``fork_steps`` join that epoch's metrics. The run itself goes on exactly as if the fork never
+    happened. ``experiment.scheduler.rung_eval: cooldown`` sets both keys (ASHA's rung epochs); set
+    by hand, the forks are measured without a scheduler deciding on them. Off by default."""
+    epochs: list[int] = field(default_factory=list)   # 1-based epochs that end with a fork; [] = no forks
+    cooldown_fraction: float = 0.1
+
+    def _validate(self):
+        _check(all(e >= 1 for e in self.epochs) and self.epochs == sorted(set(self.epochs)), "epochs", self.epochs,
+               "increasing epoch numbers >= 1 (the epochs that end with a cooldown fork)")
+        _check(0 < self.cooldown_fraction <= 1, "cooldown_fraction", self.cooldown_fraction,
+               "a number in (0, 1] (the fork's steps as a fraction of the steps so far)")
+
+
+@dataclass(kw_only=True)
 class TrainConfig(Section):
     """One training run. ``TrainConfig.from_dict`` is the only way user input becomes a config."""
     epochs: int = 10
@@ -310,6 +249,19 @@ class TrainConfig(Section):
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rung_eval: RungEvalConfig = field(default_factory=RungEvalConfig)   # cooldown forks at rung epochs
+    # Precision and kernels (training.precision). precision: the autocast dtype of forward passes
+    # (weights, optimizer state and the loss stay fp32); fp16 adds a gradient scaler whose state is
+    # checkpointed. bf16 and fp16 also run on CPU (fp16 slowly there: a way to test the GPU path).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False          # NHWC weights and inputs for models with 2-D convolutions; else a no-op
+    # torch.compile mode, compiled once per worker; false/true are accepted for off/default (YAML reads
+    # a bare `off` as false). Checkpoints, EMA and exports hold the uncompiled module's weights.
+    compile: Union[bool, Literal["off", "default", "reduce-overhead", "max-autotune"]] = "off"
+
+    def __post_init__(self):
+        if isinstance(self.compile, bool):
+            self.compile = "default" if self.compile else "off"
 
     def _validate(self):
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
@@ -341,7 +293,6 @@ def apply_dotted(base: dict, updates: dict[str, Any]) -> dict:
     base file's warmup); any other value replaces. Unknown paths surface as ConfigError when
     the result is validated.
     """
-    import copy
 
     out = copy.deepcopy(base)
     for path, value in updates.items():
@@ -360,8 +311,19 @@ def apply_dotted(base: dict, updates: dict[str, Any]) -> dict:
     return out
 
 
+_ARGS_PATH = re.compile(r"(?:model|data)\.args\.[A-Za-z_]\w*")
+
+
+def is_field_path(path: str) -> bool:
+    """Does the dotted ``path`` name a config field? ``field_paths()`` keys, and ``model.args.<key>`` /
+    ``data.args.<key>`` for any identifier key (a plug-in's keyword arguments are not known here:
+    training.plugins.check_resolvable checks them against the factory)."""
+    return path in field_paths() or _ARGS_PATH.fullmatch(path) is not None
+
+
 def field_paths(cls: type[Section] = TrainConfig, prefix: str = "") -> dict[str, Any]:
-    """Every dotted path of the tree mapped to its annotation (sections included)."""
+    """Every dotted path of the tree mapped to its annotation (sections included; not the keys under
+    ``model.args`` / ``data.args``, which any plug-in defines: see ``is_field_path``)."""
     out: dict[str, Any] = {}
     for name, tp in typing.get_type_hints(cls).items():
         path = f"{prefix}.{name}" if prefix else name

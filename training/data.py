@@ -1,6 +1,6 @@
 """Dataset registry: each entry turns a ``DataConfig`` into a ``DataBundle`` of train/val datasets.
 
-Contract of every entry (tests/test_data.py checks it over all of ``DATASETS``): items are
+Contract of every entry (tests/training/test_data.py checks it over all of ``DATASETS``): items are
 ``(x, y)`` with ``x`` a float32 tensor of ``input_shape`` and ``y`` an int64 scalar tensor in
 ``[0, num_classes)``; ``x`` is already standardized per channel (images, dim 0 of a sample) or per
 feature (vectors) with statistics of the train split only. The one exception is ``imagefolder``,
@@ -9,7 +9,9 @@ distribution they were trained on.
 
 ``cfg.seed`` seeds the train/val split only; generated datasets (mnist1d, synthetic) are drawn
 with a fixed seed, so changing the split seed never changes the underlying data.
-Nothing is downloaded except CIFAR-10 when ``cfg.download`` is true.
+Nothing is downloaded except CIFAR-10 and ``torchvision:<Dataset>`` when ``cfg.download`` is true.
+Plug-ins (``torchvision:<Dataset>``, ``package.module:callable``; contracts in training.plugins)
+are loaded by ``load_data`` like the registry's entries.
 """
 from __future__ import annotations
 
@@ -18,51 +20,21 @@ import functools
 import json
 import os
 import random
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
-from training.config import ConfigError, DataConfig
+import training.plugins as plugins
+from training.bundle import DataBundle, Uint8Images  # noqa: F401  (the registry's face: imported from here)
+from training.config import DATA_PLUGINS, ConfigError, DataConfig, plugin_form
+from training.user_data import as_bundle, factory_dataset  # noqa: F401  (as_bundle: part of the face)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # on the [0, 1] pixel scale
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MNIST1D_SEED = 42                      # the seed of the published MNIST-1D dataset
 SYNTHETIC_SEED = 1234
-
-
-@dataclass
-class DataBundle:
-    """A dataset ready for the loop: normalized train/val splits and what a model needs to know."""
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    input_shape: tuple[int, ...]        # one sample, e.g. (64,) or (1, 8, 8) / (3, 32, 32)
-    class_names: list[str]
-    is_image: bool                      # (C, H, W) samples: image augmentation applies
-    # The standardization the samples went through, x = (raw - mean) / std, shaped to broadcast onto
-    # one sample ((C, 1, 1) or (F,)); None where unknown. Lets an exported model take raw inputs.
-    mean: Optional[torch.Tensor] = None
-    std: Optional[torch.Tensor] = None
-
-
-class Uint8Images(Dataset):
-    """Images kept as uint8 (N, C, H, W) and standardized per item: 4x less memory than float32.
-
-    CIFAR-10's train split is 150 MB this way instead of 600 MB per process.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
-        self.images, self.labels = images, labels
-        self.mean, self.std = mean.float(), std.float()   # (C, 1, 1), on the 0..255 pixel scale
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return (self.images[i].float() - self.mean) / self.std, self.labels[i]
 
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -195,43 +167,78 @@ def _synthetic(cfg: DataConfig, num_classes: int = 10, dim: int = 64, separation
 
 def _cifar10(cfg: DataConfig) -> DataBundle:
     """CIFAR-10 from ``cfg.root`` (torchvision's python-pickle layout); the official test split is val.
+    The same loader as ``torchvision:CIFAR10`` (see _torchvision_images)."""
+    return _torchvision_images(cfg, "CIFAR10")
+
+
+def _torchvision_images(cfg: DataConfig, dataset: str) -> DataBundle:
+    """A torchvision dataset that keeps uint8 images in memory (MNIST family, CIFAR, SVHN, STL10, ...),
+    read from ``cfg.root``: its train split trains, its test split validates; ``cfg.args`` go to the class.
 
     Downloads only when ``cfg.download`` is true (under a file lock, so concurrent workers on one
     machine download once). ``num_samples`` caps the training set to a seeded random subset.
+    Standardized per channel with the train split's statistics (``Uint8Images``).
     """
+    cls, takes_train = plugins.torchvision_dataset(cfg.name, dataset)
+    extra = plugins.torchvision_dataset_kwargs(cfg, cls, takes_train)
     root = cfg.root
-    need = "a directory holding cifar-10-batches-py/: put CIFAR-10 under {} or set data.download: true"
+    folder = getattr(cls, "base_folder", None)
+    files = f"{folder}/" if isinstance(folder, str) else f"torchvision's {dataset} files"
+    need = f"a directory holding {files}: put {dataset} under {{}} or set data.download: true"
     if root is None:
         raise ConfigError("data.root", root, need.format("a local directory (data.root)"))
     if not cfg.download and not os.path.isdir(root):
         raise ConfigError("data.root", root, need.format(root))
     from filelock import FileLock   # a torch dependency
-    from torchvision.datasets import CIFAR10
+
+    def split(train: bool):
+        which = {"train": train} if takes_train else {"split": "train" if train else "test"}
+        return cls(root, download=cfg.download, **which, **extra)
 
     try:
         if cfg.download:
             os.makedirs(root, exist_ok=True)
-            with FileLock(os.path.join(root, ".cifar10.lock")):
-                train = CIFAR10(root, train=True, download=True)
+            with FileLock(os.path.join(root, f".{dataset.lower()}.lock")):
+                train, val = split(True), split(False)
         else:
-            train = CIFAR10(root, train=True, download=False)
-        val = CIFAR10(root, train=False, download=False)
-    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (md5 checks of every file)
+            train, val = split(True), split(False)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" (CIFAR md5-checks every file)
         raise ConfigError("data.root", root, need.format(root) + f" ({e})") from e
 
-    def as_tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # HWC -> CHW, uint8
-        return images, torch.as_tensor(ds.targets, dtype=torch.int64)
-
-    x_train, y_train = as_tensors(train)
-    x_val, y_val = as_tensors(val)
+    x_train, y_train = _uint8_images(cfg.name, train)
+    x_val, y_val = _uint8_images(cfg.name, val)
+    classes = getattr(train, "classes", None)
+    class_names = ([str(c) for c in classes] if classes else
+                   [str(c) for c in range(int(max(y_train.max(), y_val.max())) + 1)])   # SVHN: no names
     mean, std = channel_stats(x_train)
     if cfg.num_samples is not None:
         keep = torch.as_tensor(np.random.default_rng(cfg.seed).permutation(len(y_train))[:cfg.num_samples])
         x_train, y_train = x_train[keep], y_train[keep]
     return DataBundle(Uint8Images(x_train, y_train, mean, std), Uint8Images(x_val, y_val, mean, std),
-                      num_classes=len(train.classes), input_shape=tuple(x_train.shape[1:]),
-                      class_names=list(train.classes), is_image=True, mean=mean.float(), std=std.float())
+                      num_classes=len(class_names), input_shape=tuple(x_train.shape[1:]),
+                      class_names=class_names, is_image=True, mean=mean.float(), std=std.float())
+
+
+def _uint8_images(name: str, ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torchvision dataset's in-memory images as uint8 (N, C, H, W) and its labels as int64 (N,)."""
+    data = getattr(ds, "data", None)
+    labels = next((getattr(ds, a) for a in ("targets", "labels") if getattr(ds, a, None) is not None), None)
+    images = None if data is None else torch.as_tensor(np.asarray(data))
+    if images is not None and images.dtype == torch.uint8:
+        if images.dim() == 3:                                       # MNIST family: (N, H, W)
+            images = images[:, None]
+        elif images.dim() == 4 and images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+            images = images.permute(0, 3, 1, 2)                     # CIFAR: HWC -> CHW
+        elif not (images.dim() == 4 and images.shape[1] in (1, 3)):   # SVHN, STL10: already CHW
+            images = None
+    if images is None or labels is None:
+        found = "no .data" if data is None else f".data of {type(data).__name__} {tuple(getattr(data, 'shape', ()))}"
+        raise ConfigError("data.name", name, "a torchvision dataset that keeps uint8 images in memory (.data and "
+                          f".targets or .labels), e.g. MNIST, FashionMNIST, CIFAR10, CIFAR100, SVHN ({found})")
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if y.dim() == 2:   # QMNIST: the class, then writer and index columns
+        y = y[:, 0]
+    return images.contiguous(), y
 
 
 def _imagefolder(cfg: DataConfig) -> DataBundle:
@@ -276,7 +283,7 @@ def _imagefolder(cfg: DataConfig) -> DataBundle:
                       std=torch.tensor(IMAGENET_STD).view(3, 1, 1))
 
 
-DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
+DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {   # keys: training.config.DATASET_NAMES
     "digits": _digits,
     "mnist1d": _mnist1d,
     "cifar10": _cifar10,
@@ -286,13 +293,23 @@ DATASETS: dict[str, Callable[[DataConfig], DataBundle]] = {
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
-    """The bundle for ``cfg``, built once per process (every epoch and every caller share it)."""
-    if cfg.name not in DATASETS:
-        raise ConfigError("data.name", cfg.name, f"one of {sorted(DATASETS)}")
+    """The bundle for ``cfg``, built once per process (every epoch and every caller share it).
+
+    ``cfg.name``: a DATASETS key, ``torchvision:<Dataset>`` or ``package.module:callable``
+    (contracts in training.plugins). A factory that raises or returns the wrong thing:
+    training.plugins.PluginError naming it.
+    """
+    form = plugin_form(cfg.name)
+    if cfg.name not in DATASETS and (form is None or form[0] not in DATA_PLUGINS):
+        raise ConfigError("data.name", cfg.name, f"one of {sorted(DATASETS)}, or a plug-in "
+                          "(torchvision:<Dataset>, package.module:callable)")
     return _load_cached(json.dumps(cfg.to_dict(), sort_keys=True))
 
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(key: str) -> DataBundle:
     cfg = DataConfig.from_dict(json.loads(key))
-    return DATASETS[cfg.name](cfg)
+    if cfg.name in DATASETS:
+        return DATASETS[cfg.name](cfg)
+    kind, target = plugin_form(cfg.name)   # type: ignore[misc]
+    return _torchvision_images(cfg, target) if kind == "torchvision" else factory_dataset(cfg)

@@ -105,25 +105,31 @@ def augment_images(x: torch.Tensor, data: DataConfig, reg: RegularizationConfig,
                    gen: torch.Generator) -> torch.Tensor:
     """Random crop (zero-pad by 1/8 of the side, then crop back) + horizontal flip when
     ``data.augment``; a zeroed ``reg.cutout`` x ``reg.cutout`` square per image when > 0.
-    Non-image batches pass through unchanged."""
+    Non-image batches pass through unchanged.
+
+    Runs where ``x`` is: the random offsets are drawn on ``gen``'s device, so a generator on the
+    batch's GPU makes the whole augmentation device work, with no host copy or sync per step
+    (the loop passes one; a CPU generator works with any batch)."""
     if x.dim() != 4 or (not data.augment and reg.cutout == 0):
         return x
     n, _, h, w = x.shape
+
+    def draw(high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(high, shape, generator=gen, device=gen.device).to(x.device)
+
     if data.augment:
         pad = max(h // 8, 1)
         padded = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(2 * pad + 1, (n,), generator=gen)
-        dx = torch.randint(2 * pad + 1, (n,), generator=gen)
-        rows = (dy[:, None] + torch.arange(h)[None]).to(x.device)          # (n, h)
-        cols = (dx[:, None] + torch.arange(w)[None]).to(x.device)          # (n, w)
+        dy, dx = draw(2 * pad + 1, (n,)), draw(2 * pad + 1, (n,))
+        rows = dy[:, None] + torch.arange(h, device=x.device)[None]          # (n, h)
+        cols = dx[:, None] + torch.arange(w, device=x.device)[None]          # (n, w)
         x = padded[torch.arange(n, device=x.device)[:, None, None, None],
                    torch.arange(x.shape[1], device=x.device)[None, :, None, None],
                    rows[:, None, :, None], cols[:, None, None, :]]
-        flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+        flip = (torch.rand(n, generator=gen, device=gen.device) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if reg.cutout > 0:
-        cy = torch.randint(h, (n, 1, 1), generator=gen).to(x.device)
-        cx = torch.randint(w, (n, 1, 1), generator=gen).to(x.device)
+        cy, cx = draw(h, (n, 1, 1)), draw(w, (n, 1, 1))
         yy = torch.arange(h, device=x.device)[None, :, None]
         xx = torch.arange(w, device=x.device)[None, None, :]
         half = reg.cutout / 2

@@ -45,6 +45,18 @@ def _linear(s: ScheduleConfig, t: int, T: int) -> float:
     return s.min_factor + (1 - s.min_factor) * (1 - t / T)
 
 
+def _wsd(s: ScheduleConfig, t: int, T: int) -> float:
+    """Warmup-stable-decay: the peak until the last ``decay_fraction`` of the post-warmup phase
+    (D = max(1, round(decay_fraction * T)) steps), then linear to min_factor over those D steps
+    (1.0 at ``t = T - D``, as ``_linear`` at its start). The decay is a cooldown appended to a
+    constant run, so a run stopped anywhere can be finished by one (training.cooldown's fork is
+    that estimate); decay_fraction 1 is ``linear``."""
+    D = max(1, round(s.decay_fraction * T))
+    if t < T - D:
+        return 1.0
+    return s.min_factor + (1 - s.min_factor) * (T - t) / D
+
+
 def _cyclic_cosine(s: ScheduleConfig, t: int, T: int) -> float:
     """SGDR: ``cycles`` equal cosine cycles of length T / cycles, each restarting at the peak."""
     cycle = T / s.cycles
@@ -57,6 +69,7 @@ SCHEDULES: dict[str, Callable[[ScheduleConfig, int, int], float]] = {
     "cosine": _cosine,
     "linear": _linear,
     "cyclic_cosine": _cyclic_cosine,
+    "wsd": _wsd,
     # inverse_sqrt needs the warmup length: see lr_multiplier
 }
 

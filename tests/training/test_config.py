@@ -59,7 +59,8 @@ def test_flat_view_has_dotted_keys():
     flat = TrainConfig().flat()
     assert flat["optim.base_lr"] == 0.1
     assert flat["scaling.num_workers"] == 1
-    assert "optim" not in flat and all("." in k or k in ("epochs", "seed") for k in flat)
+    top_level = ("epochs", "seed", "precision", "channels_last", "compile")
+    assert "optim" not in flat and all("." in k or k in top_level for k in flat)
 
 
 def test_with_updates_merges_sections_and_validates():
@@ -88,3 +89,30 @@ def test_backbone_lr_mult_defaults_by_transfer_mode():
     assert TrainConfig.from_dict({"model": {"transfer": "finetune_last_n"}}).model.effective_backbone_lr_mult == 0.1
     assert TrainConfig.from_dict({"model": {"transfer": "full"}}).model.effective_backbone_lr_mult == 1.0
     assert TrainConfig.from_dict({"model": {"backbone_lr_mult": 0.5}}).model.effective_backbone_lr_mult == 0.5
+
+
+@pytest.mark.parametrize("d,key,expected", [
+    ({"precision": "fp8"}, "precision", "one of 'fp32', 'bf16', 'fp16'"),
+    ({"precision": 16}, "precision", "one of 'fp32'"),
+    ({"channels_last": "yes"}, "channels_last", "true or false"),
+    ({"compile": "fast"}, "compile", "one of 'off', 'default', 'reduce-overhead', 'max-autotune'"),
+    ({"data": {"loader_workers": -1}}, "data.loader_workers", "'auto' or >= 0"),
+    ({"data": {"loader_workers": "many"}}, "data.loader_workers", "an integer or one of 'auto'"),
+    ({"data": {"prefetch_factor": 0}}, "data.prefetch_factor", ">= 1"),
+    ({"data": {"persistent_workers": 1}}, "data.persistent_workers", "true or false"),
+])
+def test_precision_kernel_and_pipeline_keys_are_validated(d, key, expected):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(d)
+    assert e.value.key == key and expected in e.value.expected
+
+
+def test_precision_kernel_and_pipeline_defaults_and_legal_combinations():
+    cfg = TrainConfig()
+    assert (cfg.precision, cfg.channels_last, cfg.compile) == ("fp32", False, "off")
+    assert (cfg.data.loader_workers, cfg.data.prefetch_factor, cfg.data.persistent_workers) == ("auto", 2, True)
+    # legal: channels_last on an MLP (a no-op), fp16 and compile without a GPU
+    odd = TrainConfig.from_dict({"channels_last": True, "precision": "fp16", "compile": "reduce-overhead",
+                                 "model": {"name": "mlp"}, "scaling": {"use_gpu": False},
+                                 "data": {"loader_workers": 0}})
+    assert TrainConfig.from_dict(odd.to_dict()) == odd

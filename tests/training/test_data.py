@@ -1,7 +1,8 @@
-"""training.data: one contract over every DATASETS entry, plus splits, caps and errors."""
+"""training.data: one contract over every DATASETS entry and torchvision: datasets, plus splits, caps and errors."""
 from __future__ import annotations
 
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -38,6 +39,23 @@ def write_fake_imagefolder(root, classes=("cat", "dog", "owl"), per_class: int =
             Image.fromarray(pixels).save(root / c / f"{i}.png")
 
 
+def write_fake_mnist(root, dataset: str = "MNIST", n_train: int = 12, n_test: int = 6, side: int = 8,
+                     seed: int = 0) -> dict[str, np.ndarray]:
+    """A tiny MNIST-family dataset in its raw idx format under root/<dataset>/raw (what torchvision reads;
+    it checks only that the files exist). Returns the images and labels written, by split."""
+    rng = np.random.default_rng(seed)
+    raw = root / dataset / "raw"
+    raw.mkdir(parents=True)
+    out = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, side, side), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">iiii", 0x803, n, side, side) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 0x801, n) + labels.tobytes())
+        out[split] = (images, labels)
+    return out
+
+
 def use_fake_cifar10(root, monkeypatch):
     """Write a fake CIFAR-10 under ``root`` and let torchvision read it.
 
@@ -66,7 +84,16 @@ def config_for(name: str, tmp_path, monkeypatch, **overrides) -> DataConfig:
         base.update(root=str(tmp_path), image_size=8)
     elif name == "mnist1d":
         base["num_samples"] = 400
+    elif name == "torchvision:MNIST":
+        write_fake_mnist(tmp_path)
+        base["root"] = str(tmp_path)
+    elif name == "torchvision:CIFAR10":
+        base["root"] = str(use_fake_cifar10(tmp_path, monkeypatch))
     return DataConfig.from_dict({**base, **overrides})
+
+
+def build(cfg: DataConfig):
+    return DATASETS[cfg.name](cfg) if cfg.name in DATASETS else load_data(cfg)
 
 
 def stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +101,9 @@ def stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.stack(ys)
 
 
-@pytest.mark.parametrize("name", sorted(DATASETS))
+@pytest.mark.parametrize("name", [*sorted(DATASETS), "torchvision:MNIST", "torchvision:CIFAR10"])
 def test_every_dataset_obeys_the_contract(name, tmp_path, monkeypatch):
-    bundle = DATASETS[name](config_for(name, tmp_path, monkeypatch))
+    bundle = build(config_for(name, tmp_path, monkeypatch))
 
     assert len(bundle.train) > 0 and len(bundle.val) > 0
     assert bundle.num_classes == len(bundle.class_names) >= 2
@@ -199,4 +226,60 @@ def test_load_data_caches_per_config_and_rejects_unknown_names():
     assert load_data(DataConfig(name="synthetic", num_samples=100, seed=1)) is not a
     with pytest.raises(ConfigError, match="one of") as err:
         load_data(DataConfig(name="mnist"))
+    assert err.value.key == "data.name"
+
+
+# ---------------------------------------------------------------------------- torchvision:<Dataset>
+
+@pytest.mark.parametrize("dataset", ["MNIST", "FashionMNIST", "KMNIST"])
+def test_torchvision_mnist_family_reads_its_raw_files(dataset, tmp_path):
+    written = write_fake_mnist(tmp_path, dataset)
+    bundle = load_data(DataConfig(name=f"torchvision:{dataset}", root=str(tmp_path)))
+    assert (len(bundle.train), len(bundle.val), bundle.input_shape) == (12, 6, (1, 8, 8))   # test split is val
+    import torchvision.datasets
+
+    assert bundle.class_names == getattr(torchvision.datasets, dataset).classes and bundle.num_classes == 10
+    for split, ds in (("train", bundle.train), ("t10k", bundle.val)):
+        images, labels = written[split]
+        x, y = ds[3]
+        torch.testing.assert_close(x.double() * ds.std + ds.mean, torch.from_numpy(images[3][None]).double(),
+                                   atol=1e-3, rtol=0)
+        assert y.item() == labels[3]
+    capped = load_data(DataConfig(name=f"torchvision:{dataset}", root=str(tmp_path), num_samples=5))
+    assert (len(capped.train), len(capped.val)) == (5, 6)
+
+
+def test_torchvision_cifar10_is_the_cifar10_entry(fake_cifar10):
+    ours = DATASETS["cifar10"](DataConfig(name="cifar10", root=str(fake_cifar10)))
+    theirs = load_data(DataConfig(name="torchvision:CIFAR10", root=str(fake_cifar10)))
+    assert ours.class_names == theirs.class_names == CIFAR_CLASSES
+    assert torch.equal(stack(ours.train)[0], stack(theirs.train)[0])
+    assert torch.equal(stack(ours.val)[1], stack(theirs.val)[1])
+
+
+def test_torchvision_datasets_download_only_with_data_download(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    calls = []
+
+    def fake_download(self):   # what MNIST.download() leaves on disk, without the network
+        calls.append(self.train)
+        if not (tmp_path / "MNIST").exists():
+            write_fake_mnist(tmp_path)
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", fake_download)
+    for root in (None, str(tmp_path / "missing"), str(tmp_path)):
+        with pytest.raises(ConfigError, match="set data.download: true") as err:
+            load_data(DataConfig(name="torchvision:MNIST", root=root))
+        assert err.value.key == "data.root"
+    assert calls == []                                    # never implicitly
+    bundle = load_data(DataConfig(name="torchvision:MNIST", root=str(tmp_path), download=True))
+    assert calls == [True, False] and len(bundle.train) == 12
+    assert (tmp_path / ".mnist.lock").exists()            # concurrent workers on one machine download once
+
+
+def test_torchvision_dataset_without_in_memory_images_names_data_name(tmp_path):
+    write_fake_imagefolder(tmp_path / "train")
+    with pytest.raises(ConfigError, match="a train and a test split") as err:
+        load_data(DataConfig.from_dict({"name": "torchvision:ImageFolder", "root": str(tmp_path)}))
     assert err.value.key == "data.name"

@@ -8,7 +8,7 @@ import training.loop as loop
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.loop import fit
-from tuning.register import choose_weights, ema_state_dict, model_from_checkpoint
+from tuning.tracking.registry import choose_weights, ema_state_dict, model_from_checkpoint
 
 BASE = {"epochs": 2, "seed": 0, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": [16]},
         "optim": {"name": "sgd", "base_lr": 0.1, "momentum": 0.9},

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Subset
 
 from training import checkpoint as ckpt
-from training import loop
+from training import loop, pipeline
 from training.config import TrainConfig
 from training.data import Uint8Images
 from training.loop import Diverged, build_run, evaluate, fit
@@ -152,11 +152,17 @@ def _same_batches(a, b) -> bool:
         for (xa, ya), (xb, yb) in zip(a, b))
 
 
+def _on_device(loader, ds):
+    """The batches as the step sees them: on the device (CPU here), uint8 images standardized there."""
+    return [pipeline.to_device(b, ds, torch.device("cpu")) for b in loader]
+
+
 @pytest.mark.parametrize("kind", ["tensors", "uint8_images"])
 def test_batched_loading_gives_the_per_sample_batches(monkeypatch, kind):
     """In-memory datasets are indexed a whole batch at a time: the same samples, in the same order,
     as ds[i] + collate, for every epoch and both ranks of a 2-worker run (so results and resume
-    are unchanged), and the same validation shards."""
+    are unchanged), and the same validation shards. Uint8 images travel as uint8 and are
+    standardized after the copy, to exactly the numbers ds[i] gives."""
     run = build_run(cfg_with(**{"scaling.batch_per_worker": 24}))
     if kind == "uint8_images":
         g = torch.Generator().manual_seed(0)
@@ -173,13 +179,16 @@ def test_batched_loading_gives_the_per_sample_batches(monkeypatch, kind):
             assert loader.batch_size is None and isinstance(loader.sampler, BatchSampler)   # the batched path
             ref = DistributedSampler(train, num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True)
             ref.set_epoch(epoch)
-            assert _same_batches(list(loader), _reference_batches(train, ref, 24, True)), (rank, epoch)
+            if kind == "uint8_images":
+                assert next(iter(loader))[0].dtype == torch.uint8
+            assert _same_batches(_on_device(loader, train), _reference_batches(train, ref, 24, True)), (rank, epoch)
         n = len(val)
         shard = range(rank * n // 2, (rank + 1) * n // 2)
-        assert _same_batches(list(loop._val_loader(run)), _reference_batches(Subset(val, shard), None, 256, False))
+        assert _same_batches(_on_device(loop._val_loader(run), val),
+                             _reference_batches(Subset(val, shard), None, 256, False))
     run.cfg = run.cfg.with_updates({"data.loader_workers": 1})      # batches made in a worker process
     ref = DistributedSampler(train, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)
-    assert _same_batches(list(loop._loader(run, 0)), _reference_batches(train, ref, 24, True))
+    assert _same_batches(_on_device(loop._loader(run, 0), train), _reference_batches(train, ref, 24, True))
 
 
 @pytest.mark.parametrize("nesterov,factor", [(True, 1.9), (False, 1.0)])
@@ -250,8 +259,10 @@ def test_ddp_metrics_are_aggregated_and_shards_disjoint():
     out = _spawn("_fit_and_shards", cfg_with(**{"epochs": 2, "scaling.num_workers": 2}))
     h0, h1 = out[0]["history"], out[1]["history"]
     for m0, m1 in zip(h0, h1):  # every worker reports the same, globally aggregated numbers
-        for k in ("train_loss", "val_loss", "val_acc", "train_acc"):
+        for k in ("train_loss", "val_loss", "val_acc", "train_acc", "samples_per_s_total", "data_wait_fraction",
+                  "step_time_s", "peak_memory_mb"):
             assert m0[k] == m1[k], k
+        assert m0["samples_per_s_total"] == pytest.approx(2 * m0["samples_per_s"])   # the mean per worker
     assert h0[-1]["val_acc"] > 0.85
     for epoch in (0, 1):
         a, b = set(out[0]["shards"][epoch]), set(out[1]["shards"][epoch])
@@ -269,10 +280,13 @@ def _inf_loss_on_rank_1(rank, cfg_dict):
     return {"step": None}
 
 
-def test_ddp_workers_stop_together_when_one_loss_is_not_finite():
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_ddp_workers_stop_together_when_one_loss_is_not_finite(precision):
     """The worker with the Inf loss raises for its loss, the other for its (all-reduced, NaN)
-    gradients, at the same step: no worker is left in a collective (a trial would hang)."""
-    out = _spawn("_inf_loss_on_rank_1", cfg_with(**{"epochs": 1, "scaling.num_workers": 2, **CONSTANT_LR}))
+    gradients, at the same step: no worker is left in a collective (a trial would hang). Under
+    fp16, where a non-finite gradient alone is an overflow to skip, they agree it is a divergence."""
+    out = _spawn("_inf_loss_on_rank_1", cfg_with(**{"epochs": 1, "scaling.num_workers": 2, "precision": precision,
+                                                    **CONSTANT_LR}))
     assert out[1] == {"step": 3, "what": "loss", "lr": pytest.approx(0.1)}
     assert out[0] == {"step": 3, "what": "gradient norm", "lr": pytest.approx(0.1)}
 

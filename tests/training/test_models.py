@@ -1,4 +1,5 @@
-"""training.models: one contract over every MODELS entry, transfer modes, init, pretrained, stochastic depth."""
+"""training.models: one contract over every MODELS entry and a set of timm:/torchvision: plug-ins, transfer
+modes, init, pretrained, stochastic depth."""
 from __future__ import annotations
 
 import re
@@ -8,13 +9,21 @@ import torch
 from torch import nn
 
 from training.config import ConfigError, ModelConfig
-from training.models import MODELS, apply_transfer, build_model, load_pretrained
+from training.models import MODELS, PluginModel, apply_transfer, build_model, load_pretrained
 
 NUM_CLASSES = 7
+# Plug-ins of each stage layout: timm's feature_info (a CNN, a ViT with tensors on its root, blocks,
+# a byobnet whose head holds more than the classifier); torchvision's top-level children (ResNet, with
+# its first conv rebuilt for 1 channel; MobileNet's features split into blocks; SqueezeNet's conv head).
+PLUGINS = {"timm:test_resnet": (3, 16, 16), "timm:test_vit": (3, 16, 16), "timm:test_efficientnet": (3, 16, 16),
+           "timm:test_byobnet": (3, 16, 16), "torchvision:resnet18": (1, 16, 16),
+           "torchvision:mobilenet_v3_small": (3, 32, 32), "torchvision:squeezenet1_0": (3, 32, 32)}
 
 
 def small_setup(name: str, **overrides) -> tuple[ModelConfig, tuple[int, ...]]:
     """A fast config and input shape per entry: digits-like for mlp/small_cnn, tiny CIFAR-like for resnets."""
+    if name in PLUGINS:
+        return ModelConfig.from_dict({"name": name, **overrides}), PLUGINS[name]
     if name.startswith("resnet"):
         return ModelConfig.from_dict({"name": name, "small_stem": True, **overrides}), (3, 16, 16)
     return ModelConfig.from_dict({"name": name, "hidden": [16], "channels": [8, 16], **overrides}), (1, 8, 8)
@@ -55,6 +64,44 @@ def test_every_model_obeys_the_contract(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", sorted(PLUGINS))
+def test_every_plugin_model_obeys_the_contract(name):
+    model, _, shape = make(name)
+    assert isinstance(model, PluginModel)
+    x, y = batch(shape)
+    logits = model(x)
+    assert logits.shape == (2, NUM_CLASSES)
+
+    stages = model.stages()
+    assert len(stages) >= 3
+    head = dict(model.net.named_modules())[model._plan[-1][0][0]]
+    assert [m is head for m in stages[-1].parts] == [True]                   # the head is one module
+    assert (head.out_features if isinstance(head, nn.Linear) else head.out_channels) == NUM_CLASSES
+    per_stage = [{id(p) for p in s.parameters()} for s in stages]
+    assert all(per_stage)                                                     # no stage without parameters
+    assert sum(map(len, per_stage)) == len(set().union(*per_stage))
+    assert set().union(*per_stage) == {id(p) for p in model.parameters()}
+    buffers = [{id(b) for b in s.buffers()} for s in stages]
+    assert set().union(*buffers) == {id(b) for b in model.buffers()}          # BN statistics have a stage too
+
+    nn.functional.cross_entropy(logits, y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_models_face_lists_its_members_and_resnets_stay_lazy():
+    import subprocess
+    import sys
+
+    import training.models as face
+
+    assert set(face.__all__) <= set(dir(face))
+    code = ("import sys, training.models; assert 'torchvision' not in sys.modules;"
+            "from training.config import ModelConfig; training.models.build_model(ModelConfig(name='resnet18'), 2, (3, 8, 8));"
+            "assert 'torchvision' in sys.modules and 'training.models.resnet' in sys.modules")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_zero_init_zeroes_every_parameter(name):
     model, _, _ = make(name, init="zero")
@@ -85,7 +132,8 @@ def test_unknown_model_names_model_name():
 
 # ---------------------------------------------------------------------------- transfer learning
 
-@pytest.mark.parametrize("name", ["mlp", "small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "resnet18", "timm:test_resnet", "timm:test_vit",
+                                  "torchvision:mobilenet_v3_small"])
 @pytest.mark.parametrize("transfer,n_trainable", [("full", None), ("finetune_last_n", 2), ("linear_probe", 1)])
 def test_frozen_stages_do_not_move_under_sgd_with_weight_decay(name, transfer, n_trainable):
     model, cfg, shape = make(name, hidden=[16, 16], transfer=transfer, finetune_last_n=2)
@@ -134,7 +182,7 @@ def test_apply_transfer_back_to_full_unfreezes_everything():
 
 # ---------------------------------------------------------------------------- pretrained weights
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["small_cnn", "resnet18", "timm:test_resnet", "torchvision:resnet18"])
 @pytest.mark.parametrize("wrap", [False, True])
 def test_pretrained_round_trips(name, wrap, tmp_path):
     source, _, shape = make(name)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from training.config import OptimConfig, ScheduleConfig, TrainConfig
+from training.config import ConfigError, OptimConfig, ScheduleConfig, TrainConfig
 from training.schedules import SCHEDULE_NAMES, lambda_lr, lr_multiplier, peak_lr, plan_steps, warmup_steps
 
 
@@ -129,6 +129,27 @@ def test_warmup_then_main_matches_sequentiallr(main):
     mine = multipliers(s, total)
     assert mine[W - 1] < 1.0 and mine[W] == 1.0 and ref[W] == pytest.approx(1.0)
     assert mine == pytest.approx(ref, abs=1e-9)
+
+
+def test_wsd_values_at_the_boundary_steps():
+    """Warmup 4 of 24 steps, decay over the last 25% of the 20 post-warmup steps (5 steps, from step 19)."""
+    s = sched(name="wsd", decay_fraction=0.25, warmup="linear", warmup_steps=4, warmup_start_factor=0.2)
+    m = multipliers(s, 24)
+    assert m[0] == pytest.approx(0.2) and m[3] == pytest.approx(0.2 + 0.8 * 3 / 4)   # step 0, warmup - 1
+    assert m[4:20] == [1.0] * 16                         # warmup .. the decay's first step: the peak
+    assert m[19:] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])   # decay start .. total - 1
+    assert lr_multiplier(s, 24, 24) == 0.0               # the end of the decay
+    floored = multipliers(sched(name="wsd", decay_fraction=0.5, min_factor=0.1), 8)
+    assert floored == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0, 0.775, 0.55, 0.325])
+
+
+def test_wsd_over_the_whole_run_is_linear_and_its_decay_is_at_least_one_step():
+    assert multipliers(sched(name="wsd", decay_fraction=1.0), 9) == pytest.approx(multipliers(sched(name="linear"), 9))
+    assert multipliers(sched(name="wsd", decay_fraction=0.01), 3) == [1.0, 1.0, 1.0]   # D = max(1, round(0.03)) = 1
+    assert lr_multiplier(sched(name="wsd", decay_fraction=0.01), 3, 3) == 0.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="decay_fraction"):
+            sched(name="wsd", decay_fraction=bad)
 
 
 def test_cyclic_cosine_matches_warm_restarts():

@@ -10,8 +10,8 @@ from tests.fake_experiment import log_experiment
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.loop import build_run, fit
-from tuning.space import load_spec
-from tuning.trial import resolve_pretrained
+from tuning.spec import load_spec
+from tuning.driver.trial import resolve_pretrained
 
 # digits are (1, 8, 8) images, synthetic 64-dim vectors: the MLP flattens, so its first layer fits both.
 PRETRAIN = {"epochs": 3, "seed": 0, "data": {"name": "digits"}, "model": {"name": "mlp", "hidden": [64, 32]},
@@ -72,7 +72,7 @@ def test_backbone_gets_a_tenth_of_the_head_lr_when_finetuning(pretrained_file):
 
 def load_registered(model_uri: str, tracking_uri: str) -> dict:
     """The state_dict of a registered model, read with MLflow's own loader against ``tracking_uri``
-    (explicitly: tuning.register.register sets the process-wide URI, so neither it nor the env can be trusted)."""
+    (explicitly: tuning.tracking.registry.register sets the process-wide URI, so neither it nor the env can be trusted)."""
     import mlflow
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
@@ -85,7 +85,7 @@ def registry(tmp_path_factory):
     """A sqlite MLflow where experiment digits-base trained an MLP on digits and registered it: (uri, run id)."""
     import mlflow
 
-    from tuning.register import register
+    from tuning.tracking.registry import register
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -136,7 +136,7 @@ def test_unknown_registered_model_is_an_error_naming_it(registry, tmp_path):
 
 def test_the_driver_checks_mlflow_models_before_anything_starts(registry, tmp_path):
     from training.config import ConfigError
-    from tuning.register import check_pretrained
+    from tuning.tracking.registry import check_pretrained
 
     uri, run_id = registry
     for ok in ("mlflow:models:/digits-base/1", "mlflow:models:/digits-base/latest", f"mlflow:runs:/{run_id}/model",
@@ -185,7 +185,7 @@ def test_tune_finetunes_the_model_an_earlier_experiment_registered(experiment, m
     session's quickstart experiment registered (`mlflow:models:/it-asha/N`), downloaded once into storage."""
     import mlflow
 
-    from tuning.experiment import run_experiment
+    from tuning.driver.experiment import run_experiment
 
     _, earlier, _ = experiment
     assert earlier.model_version

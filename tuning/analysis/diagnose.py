@@ -11,11 +11,16 @@ back down within one epoch. The checks run in this order; the first that fires i
 
 1. diverged        loss Inf/NaN, the loop's divergence flag, or the loss exploding
 2. plateau_at_start the loss did not move from its initial value for the first epochs
-3. overfitting     a large train/val accuracy gap that grows (or a rising validation loss)
-4. still_improving the validation loss still falls at the end
-5. underfitting    both loss curves flat (|trend| < IMPROVING_RATE) and the accuracies close, and
+3. no_learning     the validation accuracy still at chance at the end (a run of SHORT_EPOCHS or more:
+                   the training accuracy too); a short run without an accuracy: its validation loss at ln C
+4. too_short       a short run (fewer than SHORT_EPOCHS epochs: ASHA stops most trials at their first
+                   rung) that left chance: overfitting, still improving and underfitting are trends
+                   over SHORT_EPOCHS epochs, and one or two epochs have none to read
+5. overfitting     a large train/val accuracy gap that grows (or a rising validation loss)
+6. still_improving the validation loss still falls at the end
+7. underfitting    both loss curves flat (|trend| < IMPROVING_RATE) and the accuracies close, and
                    the model does not fit its training set
-6. healthy         none of the above
+8. healthy         none of the above
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-KINDS = ("diverged", "plateau_at_start", "overfitting", "still_improving", "underfitting", "healthy")
+KINDS = ("diverged", "plateau_at_start", "no_learning", "too_short", "overfitting", "still_improving", "underfitting",
+         "healthy")
 
 # --- thresholds (each says why)
 # Exploding: a loss 3x the one at initialization (~ln C for a softmax over C classes) is far outside
@@ -58,6 +64,14 @@ TREND_FRACTION, TREND_MIN_POINTS = 0.25, 3
 # (nearly) perfectly; below 90% train accuracy once the curves are flat (both loss trends within
 # IMPROVING_RATE per epoch, falling or rising), it does not.
 UNDERFIT_TRAIN_ACC = 0.90
+# Short: fewer epochs than the trend window above; what one or two epochs can show is whether the
+# model left chance. At chance: a validation accuracy less than CHANCE_MARGIN of the way from
+# chance (1/C) to perfect, and less than CHANCE_MAX_RATIO x chance (where C is large, a few points
+# are already several times chance). At C = 10 that is 14.5%: a random classifier on a val split
+# of 360 (digits) scores 10% +- 1.6 points, so 4.5 points is ~3 sigma. Without an accuracy, a
+# validation loss within PLATEAU_STEP_REL of ln C is a near-uniform prediction.
+SHORT_EPOCHS = TREND_MIN_POINTS
+CHANCE_MARGIN, CHANCE_MAX_RATIO = 0.05, 1.5
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,7 @@ def diagnose(history: Sequence[dict], *, step_losses: Optional[Sequence[float]] 
     """The verdict on one run's learning curves (see the module docstring for the order)."""
     history = [h for h in history if isinstance(h, dict)]
     chance = math.log(num_classes) if num_classes and num_classes > 1 else None
-    for check in (_diverged, _plateau, _overfitting, _still_improving, _underfitting):
+    for check in (_diverged, _plateau, _no_learning, _too_short, _overfitting, _still_improving, _underfitting):
         found = check(history, step_losses, chance)
         if found is not None:
             return found
@@ -221,6 +235,68 @@ _PLATEAU_ADVICE = ("the loss did not move from its initial value: bad initializa
                    "or a learning rate far too low; the update/weight ratio should be ~1e-3")
 
 
+def _epochs(history) -> int:
+    return len([h for h in history if _finite(h.get("train_loss")) or _finite(h.get("val_loss"))])
+
+
+def _last(history) -> dict[str, float]:
+    """The epochs and the last value of each of the curves, as evidence."""
+    ev: dict[str, float] = {"epochs": _epochs(history)}
+    for key in ("val_acc", "val_loss", "train_acc", "train_loss"):
+        s = series(history, key)
+        if s:
+            ev[key] = s[-1]
+    return ev
+
+
+def _at_chance(acc: float, chance_acc: float) -> bool:
+    return acc < min(chance_acc + CHANCE_MARGIN * (1 - chance_acc), CHANCE_MAX_RATIO * chance_acc)
+
+
+def _no_learning(history, step_losses, chance) -> Optional[Diagnosis]:
+    """The validation accuracy at chance at the end (a run of any length; one of SHORT_EPOCHS or
+    more also at chance on its training set, else it is overfitting). Without an accuracy, a short
+    run's validation loss still at ln C."""
+    if not chance:
+        return None
+    ev = _last(history)
+    acc = 1 / round(math.exp(chance))   # 1 / C, C back from ln C (exact for the integer it came from)
+    short = ev["epochs"] < SHORT_EPOCHS
+    if "val_acc" in ev:
+        at_chance = _at_chance(ev["val_acc"], acc) and (short or _at_chance(ev.get("train_acc", 0.0), acc))
+    else:
+        at_chance = short and "val_loss" in ev and ev["val_loss"] >= (1 - PLATEAU_STEP_REL) * chance
+    if not at_chance:
+        return None
+    n = ev["epochs"]
+    return Diagnosis("no_learning", {**ev, "chance_acc": acc, "ln_num_classes": chance},
+                     _NO_LEARNING_ADVICE.format(epochs=n, s="" if n == 1 else "s"))
+
+
+def _too_short(history, step_losses, chance) -> Optional[Diagnosis]:
+    """A run of fewer than SHORT_EPOCHS epochs that left chance (or whose chance is unknown)."""
+    ev = _last(history)
+    n = ev["epochs"]
+    if n >= SHORT_EPOCHS:
+        return None
+    if n == 0:
+        return Diagnosis("too_short", ev, "no epoch reported: nothing to judge")
+    left = ""
+    if chance and "val_acc" in ev:
+        ev.update(chance_acc=1 / round(math.exp(chance)), ln_num_classes=chance)
+        left = f"it left chance ({ev['val_acc']:.1%} against {ev['chance_acc']:.1%}): "
+    return Diagnosis("too_short", ev, f"{n} epoch{' shows' if n == 1 else 's show'} no trend (overfitting, still "
+                     f"improving and underfitting are read over {SHORT_EPOCHS} epochs): {left}judge it against the "
+                     "trials that ran longer, or give every trial more epochs before the first ASHA rung "
+                     "(experiment.scheduler.grace_period)")
+
+
+_NO_LEARNING_ADVICE = ("no better than chance after {epochs} epoch{s}: a learning rate far too low or too high, or a "
+                       "broken initialization (steps 1-3 of schedtune recipe check these). If the other trials left "
+                       "chance in as many epochs, this config is the problem; if none did, the first ASHA rung comes "
+                       "too early for this model (experiment.scheduler.grace_period, or a shorter warmup)")
+
+
 def _gap(history) -> list[float]:
     return [float(h["train_acc"]) - float(h["val_acc"]) for h in history
             if _finite(h.get("train_acc")) and _finite(h.get("val_acc"))]
@@ -290,8 +366,6 @@ def _healthy(history) -> Diagnosis:
     gaps = _gap(history)
     if gaps:
         ev["acc_gap"] = gaps[-1]
-    if len(history) < 2:
-        return Diagnosis("healthy", ev, "a small train/val gap (one epoch: trends cannot be read yet)")
     val = series(history, "val_loss")
     rise = _val_loss_rise(val)
     if rise >= VAL_LOSS_RISE:   # not overfitting (the gap is small), but not converged either

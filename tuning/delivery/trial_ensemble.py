@@ -15,7 +15,7 @@ from typing import Optional
 
 from tuning.tracking import schema
 
-_SPLIT_ONLY_KEYS = ("augment", "loader_workers")         # data keys that never change the val split
+_SPLIT_ONLY_KEYS = ("augment", "loader_workers", "prefetch_factor", "persistent_workers")   # never change the val split
 
 
 @dataclass

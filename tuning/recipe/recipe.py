@@ -33,7 +33,9 @@ NEXT = {"still_improving": "train longer (--refine-epochs, or train.epochs of th
                        "and refine again",
         "underfitting": "a bigger model or less regularization, then refine again",
         "diverged": "lower the LR range (--lr) and refine again",
-        "plateau_at_start": "check the initialization (step 1-2) and refine again"}
+        "plateau_at_start": "check the initialization (step 1-2) and refine again",
+        "no_learning": "it is still at chance: check the initialization and the LR range (steps 1-3), then refine again",
+        "too_short": "refine with more epochs (--refine-epochs): its curves are too short to read"}
 
 
 class Recipe:

@@ -11,14 +11,17 @@ No Ray, MLflow or torch here: ``schedtune validate`` and every command import it
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from training.config import ConfigError, TrainConfig, field_paths
+from training.config import ConfigError, TrainConfig, field_paths, is_field_path
+from tuning.spec.checks import SpaceWarning, check_spec
+from tuning.spec.code import prepare_code
 from tuning.spec.errors import SpaceError
 from tuning.spec.files import read_yaml_file
 from tuning.spec.options import ExperimentOptions
@@ -57,6 +60,8 @@ class ExperimentSpec:
     base: TrainConfig
     space: dict[str, Dist]
     text: str                      # the file as written (logged to MLflow)
+    code_dir: Optional[str] = None  # where the plug-ins (package.module:callable) import from; None: no plug-in
+    warnings: list[SpaceWarning] = field(default_factory=list)   # legal but surely a mistake (tuning.spec.checks)
 
     @property
     def sha256(self) -> str:
@@ -77,8 +82,10 @@ class ExperimentSpec:
                 for k, v in sample.items() if k in self.space}
 
     def trial_config(self, sample: dict[str, Any]) -> TrainConfig:
-        """The TrainConfig of one trial: the sampled dotted paths applied onto the base."""
-        return self.base.with_updates(self.decode(sample))
+        """The TrainConfig of one trial: the sampled dotted paths applied onto the base, and under
+        ``scheduler.rung_eval: cooldown`` the cooldown forks at ASHA's rung epochs (``train.rung_eval``)."""
+        return self.base.with_updates({**self.decode(sample),
+                                       **self.options.scheduler.rung_eval_updates(self.base.epochs)})
 
     def describe(self) -> str:
         o = self.options
@@ -121,15 +128,34 @@ def _parse_dist(file: str, key: str, spec: Any) -> Dist:
     return Dist(kind, (low, high))
 
 
-def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> ExperimentSpec:
-    """Read and validate a search-space file. ``overrides`` are dotted paths applied to it
-    (e.g. ``{"experiment.num_samples": 4, "train.scaling.num_workers": 1}``) and validated
-    the same way, attributed to the file."""
+DICT_FILE = "<dict>"   # what errors and MLflow call a spec given as a dict
+
+
+def load_spec(source: str | Path | dict, overrides: Optional[dict[str, Any]] = None, *,
+              code_dir: str | Path | None = None, file: Optional[str] = None) -> ExperimentSpec:
+    """Read and validate a search-space file (a path), or the same document as a dict.
+    ``overrides`` are dotted paths applied to it (e.g. ``{"experiment.num_samples": 4,
+    "train.scaling.num_workers": 1}``) and validated the same way, attributed to the file.
+
+    ``code_dir``: where the plug-ins' modules (``package.module:callable``) are imported from
+    (default: the directory holding the file; the working directory for a dict). When the spec
+    names one, that directory goes first on ``sys.path`` (checked for folders that collide with
+    schedtune's packages), and every plug-in name is resolved here (tuning.spec.code). ``file``:
+    what errors call a dict (default ``<dict>``)."""
     from training.config import apply_dotted
 
-    path = Path(path)
-    file = str(path)
-    text, doc = read_yaml_file(path)
+    if isinstance(source, dict):
+        file = file or DICT_FILE
+        text, doc = _dict_text(file, source), copy.deepcopy(source)
+        code_dir = Path.cwd() if code_dir is None else code_dir
+    else:
+        path = Path(source)
+        file = file or str(path)
+        try:
+            text, doc = read_yaml_file(path)
+        except SpaceError as e:   # named by its path: under the name it was given (stdin)
+            raise SpaceError(file, e.key, e.value, e.expected) from None
+        code_dir = path.resolve().parent if code_dir is None else code_dir
     if not isinstance(doc, dict):
         raise SpaceError(file, "<top level>", doc, "a mapping with keys experiment, train, space")
     unknown = sorted(set(doc) - set(SECTIONS))
@@ -155,7 +181,7 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> E
     space: dict[str, Dist] = {}
     for key, spec in doc["space"].items():
         where = f"space.{key}"
-        if key not in paths:
+        if not is_field_path(str(key)):
             near = difflib.get_close_matches(str(key), list(paths), n=1, cutoff=0.75)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise SpaceError(file, where, spec, f"a dotted path into train that names a config field{hint}")
@@ -167,7 +193,21 @@ def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> E
                 raise SpaceError(file, where, value, f"values valid for train.{e.key}: {e.expected}") from None
         space[key] = dist
     _check_search(file, options, space)
-    return ExperimentSpec(file, options, base, space, text)
+    variants = [(f"space.{k}", base.with_updates({k: v})) for k, d in space.items() for v in d.extremes()]
+    spec = ExperimentSpec(file, options, base, space, text, prepare_code(file, code_dir, base, variants))
+    spec.warnings.extend(check_spec(spec, total_trials(spec)))   # semantic checks: errors raise SpaceError
+    return spec
+
+
+def _dict_text(file: str, doc: dict) -> str:
+    """A dict spec as YAML text (what MLflow logs as the search-space file and its hash covers)."""
+    import yaml
+
+    try:
+        return yaml.safe_dump(doc, sort_keys=False)
+    except yaml.YAMLError as e:   # a tuple, a set, an object: not what a file could hold
+        raise SpaceError(file, "<dict>", None, f"plain YAML values: mappings, lists, strings, numbers, "
+                                               f"booleans, null ({str(e).splitlines()[0][:120]})") from None
 
 
 def _check_search(file: str, o: ExperimentOptions, space: dict[str, Dist]) -> None:

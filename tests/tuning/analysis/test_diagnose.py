@@ -22,6 +22,8 @@ CRAFTED = {
     "diverged": [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "train_acc": 0.6, "val_acc": 0.7},
                  {"epoch": 6, "diverged": 1.0, "diverged_step": 57.0, "diverged_lr": 3.0, "val_acc": -math.inf}],
     "plateau_at_start": h([2.303, 2.302, 2.303, 2.301], [2.303] * 4, [0.1] * 4, [0.1] * 4),
+    "no_learning": h([2.25], [2.28], [0.12], [0.10]),           # ASHA stopped it after 1 epoch, at chance
+    "too_short": h([1.0, 0.6], [0.9, 0.55], [0.6, 0.8], [0.65, 0.82]),   # left chance; 2 epochs: no trend yet
     "overfitting": h([1.0, 0.5, 0.2, 0.05, 0.01, 0.005], [1.0, 0.6, 0.5, 0.55, 0.62, 0.70],
                      [0.7, 0.85, 0.95, 0.99, 1.0, 1.0], [0.7, 0.8, 0.84, 0.84, 0.83, 0.82]),
     "still_improving": h([2.0, 1.6, 1.2, 0.9], [1.9, 1.4, 1.0, 0.7], [0.4, 0.6, 0.75, 0.85], [0.45, 0.65, 0.8, 0.86]),
@@ -34,7 +36,7 @@ CRAFTED = {
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_on_a_crafted_history(kind):
-    d = diagnose(CRAFTED[kind])
+    d = diagnose(CRAFTED[kind], num_classes=10)
     assert d.kind == kind, d.describe()
     assert d.advice and d.evidence
     assert all(isinstance(v, (int, float)) for v in d.evidence.values())
@@ -93,9 +95,36 @@ def test_helpers():
 
 
 def test_short_histories_and_json():
-    one = diagnose(h([1.0], [0.9], [0.6], [0.65]))
-    assert one.kind == "healthy" and "one epoch" in one.advice
-    assert diagnose([]).kind == "healthy"
+    one = diagnose(h([1.0], [0.9], [0.6], [0.65]), num_classes=10)
+    assert one.kind == "too_short" and "1 epoch shows no trend" in one.advice and "it left chance (65.0%" in one.advice
+    assert diagnose(h([1.0], [0.9], [0.6], [0.65])).kind == "too_short"   # without C: nothing to compare with chance
+    assert diagnose([]).kind == "too_short" and diagnose([]).evidence == {"epochs": 0}
+    # two epochs that fall: too short for a trend (a third makes one: still improving)
+    assert diagnose(CRAFTED["still_improving"][:2], num_classes=10).kind == "too_short"
+    assert diagnose(CRAFTED["still_improving"][:3], num_classes=10).kind == "still_improving"
+
+
+def test_a_short_trial_at_chance_is_no_learning():
+    """At C = 10: chance is 10%, and 'at chance' ends at 10% + 5% of the way to 100% = 14.5% (~3 sigma of
+    a random classifier on 360 validation samples); at C = 2, at 52.5%; at C = 100, at 1.5x chance = 1.5%."""
+    d = diagnose(CRAFTED["no_learning"], num_classes=10)
+    assert d.kind == "no_learning" and "after 1 epoch" in d.advice
+    assert d.evidence["chance_acc"] == pytest.approx(0.1) and d.evidence["val_acc"] == 0.10
+    assert d.evidence["ln_num_classes"] == pytest.approx(math.log(10))
+    for acc, c, kind in [(0.144, 10, "no_learning"), (0.146, 10, "too_short"), (0.52, 2, "no_learning"),
+                         (0.53, 2, "too_short"), (0.0149, 100, "no_learning"), (0.0151, 100, "too_short")]:
+        assert diagnose(h([2.0], [2.0], [acc], [acc]), num_classes=c).kind == kind, (acc, c)
+    # without an accuracy: a validation loss within 5% of ln C (2.19 at C = 10) is a near-uniform prediction
+    assert diagnose([{"epoch": 1, "train_loss": 2.3, "val_loss": 2.25}], num_classes=10).kind == "no_learning"
+    assert diagnose([{"epoch": 1, "train_loss": 2.3, "val_loss": 2.1}], num_classes=10).kind == "too_short"
+    # two epochs at chance
+    assert diagnose(h([2.30, 2.25], [2.29, 2.27], [0.1, 0.11], [0.1, 0.12]), num_classes=10).kind == "no_learning"
+    # 3 epochs: at chance on both splits (the loss fell 2%, not a plateau) was "healthy" before
+    assert diagnose(h([2.30, 2.27, 2.25], [2.29, 2.27, 2.25], [0.1] * 3, [0.1] * 3), num_classes=10).kind == "no_learning"
+    # ... but a model that fits its training set and not validation is not "no learning" once it is long enough
+    memorized = h([1.5, 0.8, 0.3], [2.3, 2.4, 2.6], [0.5, 0.8, 0.95], [0.1, 0.1, 0.1])
+    assert diagnose(memorized, num_classes=10).kind == "overfitting"
+    assert diagnose(memorized[:2], num_classes=10).kind == "no_learning"   # short: validation decides
 
 
 def test_a_trial_stopped_after_one_epoch_is_read_from_its_steps():
@@ -105,11 +134,13 @@ def test_a_trial_stopped_after_one_epoch_is_read_from_its_steps():
     d = diagnose(one, step_losses=flat, num_classes=10)
     assert d.kind == "plateau_at_start"
     assert d.evidence["steps"] == 22 and d.evidence["first_steps_loss"] == pytest.approx(2.302)
+    learned = h([1.2], [0.9], [0.7], [0.75])
     learning = [2.3 * 0.95 ** i for i in range(22)]              # falls 66%: a healthy first epoch
-    assert diagnose(one, step_losses=learning, num_classes=10).kind == "healthy"
-    assert diagnose(one, step_losses=flat[:8], num_classes=10).kind == "healthy"   # too few steps to read
+    assert diagnose(learned, step_losses=learning, num_classes=10).kind == "too_short"
+    # too few steps to read, and the history alone is at chance (the issue's 1-epoch trial at 10%)
+    assert diagnose(one, step_losses=flat[:8], num_classes=10).kind == "no_learning"
     pretrained = [0.5] * 22                                   # flat but far below ln C: already learned
-    assert diagnose(one, step_losses=pretrained, num_classes=10).kind == "healthy"
+    assert diagnose(h([0.5], [0.5], [0.85], [0.84]), step_losses=pretrained, num_classes=10).kind == "too_short"
     d = Diagnosis("x", {"a": 0.123456789, "n": 3, "inf": math.inf})
     assert json.loads(d.evidence_json()) == {"a": 0.1235, "n": 3, "inf": "inf"}
     assert len(Diagnosis("x", {f"k{i}": 1.0 for i in range(200)}).evidence_json()) <= 480
@@ -126,6 +157,9 @@ CONSTANT = {"schedule.name": "constant", "schedule.warmup": "none"}
 RUNS = {
     "diverged": {"optim.base_lr": 10.0, "epochs": 3},
     "plateau_at_start": {"model.init": "zero", "epochs": 4},
+    # zero init: no gradient, so still at chance; batch 256 gives 5 steps, too few to read a plateau from
+    "no_learning": {"model.init": "zero", "epochs": 1, "scaling.batch_per_worker": 256},
+    "too_short": {"epochs": 1},                                    # a first epoch that learned (~90% val)
     "overfitting": {"data.num_samples": 100, "optim.weight_decay": 0.0, "epochs": 20, "schedule.name": "constant"},
     "still_improving": {"optim.base_lr": 0.003, "epochs": 3, **CONSTANT},
     "underfitting": {"optim.weight_decay": 0.3, "epochs": 25},      # far too much regularization
@@ -170,6 +204,10 @@ def test_each_kind_on_a_real_run(kind, one_thread):
         assert history[-1]["train_acc"] == 1.0 and d.evidence["acc_gap"] > 0.05
     if kind == "healthy":
         assert history[-1]["val_acc"] >= 0.97
+    if kind == "no_learning":
+        assert len(steps) == 5 and d.evidence["val_loss"] == pytest.approx(math.log(10), abs=0.01)
+    if kind == "too_short":
+        assert d.evidence["epochs"] == 1 and d.evidence["val_acc"] > 0.5
 
 
 def test_a_flat_loss_far_below_chance_is_not_an_init_plateau():
@@ -216,3 +254,9 @@ def test_the_tracker_tags_each_trial_with_its_diagnosis_and_logs_plots(tmp_path,
     fresh = MLflowTracker.__new__(MLflowTracker)
     fresh.__setstate__(restored)
     assert fresh._history == {} and fresh.diagnoses == {} and fresh._children == tracker._children
+
+
+def test_the_recipe_says_what_to_do_next_for_every_kind_but_healthy():
+    from tuning.recipe.recipe import NEXT
+
+    assert set(NEXT) == set(KINDS) - {"healthy"}

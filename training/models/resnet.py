@@ -1,6 +1,7 @@
-"""torchvision's ResNets as schedtune models: stages for transfer learning, stochastic depth on the
-residual branches, a head dropout, a small-image stem; state_dict-compatible with torchvision.
-Imported only when a ResNet is built (training.models): torchvision costs 1.6 s of imports."""
+"""The registry's ResNets (resnet18, resnet50): torchvision's, with stages for transfer learning,
+stochastic depth on the residual branches, a head dropout, a small-image stem; state_dict-compatible
+with torchvision. Imported only when a ResNet is built (training.models.registry): torchvision costs
+1.6 s of imports (torch._dynamo) that an MLP never needs, in every trial and Train worker."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,8 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import StochasticDepth
 
-from training.models import StagedModel
+from training.config import ModelConfig
+from training.models.base import StagedModel, image_shape
 
 
 class BasicBlock(tv_resnet.BasicBlock):
@@ -74,3 +76,14 @@ class ResNet(StagedModel, tv_resnet.ResNet):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.dropout(torch.flatten(self.avgpool(x), 1)))
+
+
+_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
+
+def build(cfg: ModelConfig, num_classes: int, input_shape: tuple[int, ...], stochastic_depth: float) -> ResNet:
+    """The registry entry ``cfg.name`` (resnet18 / resnet50) for (C, H, W) inputs."""
+    block, layers = _LAYERS[cfg.name]
+    c, _, _ = image_shape(cfg, input_shape)
+    return ResNet(block, layers, num_classes=num_classes, in_channels=c, small_stem=cfg.small_stem,
+                  dropout=cfg.dropout, stochastic_depth=stochastic_depth)
