@@ -1,4 +1,5 @@
 """The search-space file: YAML in, a validated ``ExperimentSpec`` out (no Ray, MLflow or torch)."""
+from tuning.spec.checks import SpaceWarning
 from tuning.spec.errors import SpaceError
 from tuning.spec.files import load_yaml, read_yaml_file
 from tuning.spec.options import ExperimentOptions, SchedulerConfig
@@ -6,4 +7,4 @@ from tuning.spec.space import (DISTRIBUTIONS, SECTIONS, Dist, ExperimentSpec, gr
                                total_trials)
 
 __all__ = ["DISTRIBUTIONS", "SECTIONS", "Dist", "ExperimentOptions", "ExperimentSpec", "SchedulerConfig",
-           "SpaceError", "grid_size", "load_spec", "load_yaml", "read_yaml_file", "total_trials"]
+           "SpaceError", "SpaceWarning", "grid_size", "load_spec", "load_yaml", "read_yaml_file", "total_trials"]
