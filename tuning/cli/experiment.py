@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tuning.cli.args import add_experiment_args, add_tracking_args, load, positive_int
 
@@ -23,6 +24,7 @@ def configure_tune(p: argparse.ArgumentParser) -> None:
 
 def run_tune(args) -> int:
     spec = load(args)  # every input error surfaces here, before Ray starts
+    print_warnings(spec, args.command)
     from tuning.analysis.report import summary
     from tuning.driver.experiment import IF_PRESENT, run_experiment
 
@@ -39,6 +41,13 @@ def configure_validate(p: argparse.ArgumentParser) -> None:
 
 def run_validate(args) -> int:
     spec = load(args)
+    print_warnings(spec, args.command)
     print(f"{spec.file}: OK")
     print(spec.describe())
     return 0
+
+
+def print_warnings(spec, command: str) -> None:
+    """The spec's warnings (legal values that are surely a mistake, tuning.spec.checks) on stderr, one a line."""
+    for w in spec.warnings:
+        print(f"schedtune {command}: warning: {w}", file=sys.stderr)
