@@ -63,14 +63,20 @@ class MlflowServer:
 
     def stop(self) -> None:
         """End the server's own process group (gunicorn/uvicorn workers included)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        end_group(self.proc, 20)
         self.log.close()
+
+
+def end_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """End the process group ``proc`` leads (it was started with ``start_new_session=True``): SIGTERM,
+    then SIGKILL after ``grace_s``. Children that outlive their parent (mlflow's huey consumers) go too."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from training.names import (DATA_PLUGINS, DATASET_NAMES, MODEL_NAMES, MODEL_PLUGINS, RESERVED_ARGS,  # noqa: F401
                             _check_args, _check_name, plugin_form)
+from training.sources import RAY_DATA, SourceConfig
 from training.typed import ConfigError, Section, _check  # noqa: F401  (ConfigError: every caller imports it from here)
 
 
@@ -26,9 +27,12 @@ class DataConfig(Section):
     """Which dataset, how it is split, and input-side augmentation (images only).
 
     ``name``: a key of training.data.DATASETS (DATASET_NAMES), ``torchvision:<Dataset>`` read from
-    ``root``, or ``package.module:callable`` (the user's factory; contracts in training.plugins).
+    ``root``, ``package.module:callable`` (the user's factory; contracts in training.plugins), or
+    ``raydata``: the files ``source`` names, streamed by Ray Data (SourceConfig; training/ never
+    loads them: tuning.driver.ingest hands ``fit`` their shards).
     """
-    name: str = "digits"                 # registry key or plug-in (see above)
+    name: str = "digits"                 # registry key, plug-in or raydata (see above)
+    source: SourceConfig = field(default_factory=SourceConfig)   # data.name: raydata only
     root: Optional[str] = None           # cifar10 / imagefolder / torchvision:<Dataset>: local directory
     download: bool = False               # cifar10 / torchvision:<Dataset>: fetch into root if missing (never implicit)
     args: dict[str, Any] = field(default_factory=dict)  # plug-ins: extra keyword arguments (data.args.<key>)
@@ -46,7 +50,22 @@ class DataConfig(Section):
     persistent_workers: bool = True
 
     def _validate(self):
-        _check_name(self.name, DATASET_NAMES, DATA_PLUGINS)
+        raydata = self.name == RAY_DATA
+        if raydata:
+            try:
+                self.source.check_complete()
+            except ConfigError as e:
+                raise e.with_source(None, "source") from None   # type: ignore[arg-type]
+            _check(self.root is None and not self.download, "root" if self.root else "download",
+                   self.root or self.download, "unset with data.name: raydata (its files are data.source.train/val)")
+            _check(self.num_samples is None, "num_samples", self.num_samples,
+                   "null with data.name: raydata (a streamed split has no fixed first rows to keep: cap its files)")
+        else:
+            _check_name(self.name, (*DATASET_NAMES, RAY_DATA), DATA_PLUGINS)
+            unset = SourceConfig().to_dict()
+            _check(self.source == SourceConfig(), "source",
+                   {k: v for k, v in self.source.to_dict().items() if v != unset[k]},
+                   f"unset unless data.name is {RAY_DATA!r}")
         _check_args("data", self.name, self.args)
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a number in (0, 1)")
         _check(self.num_samples is None or self.num_samples > 0, "num_samples", self.num_samples, "> 0")

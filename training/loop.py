@@ -100,12 +100,12 @@ class _Run:
     snapshots: list[dict[str, torch.Tensor]] = field(default_factory=list)   # weights at those steps
 
 
-def build_run(cfg: TrainConfig, device: torch.device | None = None) -> _Run:
-    """Data, model, optimizer, scheduler and EMA for ``cfg`` on this worker."""
+def build_run(cfg: TrainConfig, device: torch.device | None = None, data: DataBundle | None = None) -> _Run:
+    """Data (``data``, else ``load_data(cfg.data)``), model, optimizer, scheduler and EMA for ``cfg`` on this worker."""
     rank, world = _world()
     device = device or default_device(cfg)
     torch.manual_seed(cfg.seed)  # identical initial weights on every worker
-    data = load_data(cfg.data)
+    data = load_data(cfg.data) if data is None else data
     plan = plan_steps(cfg, len(data.train))
     core, head = _build_model(cfg, data, world)
     channels_last = cfg.channels_last and has_conv2d(core)
@@ -339,15 +339,16 @@ def _better(a: float, b: float, mode: str) -> bool:
 
 
 def fit(cfg: TrainConfig, report: Reporter | None = None, *, workdir: str | Path | None = None,
-        resume_from: str | Path | None = None, device: torch.device | None = None) -> FitResult:
-    """Train ``cfg.epochs`` epochs (or what remains after ``resume_from``), reporting each epoch.
+        resume_from: str | Path | None = None, device: torch.device | None = None,
+        data: DataBundle | None = None) -> FitResult:
+    """Train ``cfg.epochs`` epochs (or what remains after ``resume_from``) on ``data``, reporting each epoch.
 
     Every worker calls ``report(metrics, checkpoint_dir)``; only rank 0 passes a directory, on the
     epochs it saves one (every ``checkpoint.every_epochs``, the last, and every new best).
-    ``workdir`` holds the ``latest`` and ``best`` checkpoints (a temp dir when None).
+    ``workdir``: the ``latest`` and ``best`` checkpoints (a temp dir when None). ``data``: load_data(cfg.data) if None.
     Raises ``Diverged`` on a NaN/Inf loss or gradient.
     """
-    run = build_run(cfg, device)
+    run = build_run(cfg, device, data)
     result = FitResult(plan=run.plan, trace=run.trace)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="schedtune-fit-"))
     start_epoch, best = _restore(run, resume_from) if resume_from else (0, None)

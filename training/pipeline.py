@@ -11,12 +11,14 @@ they reach the device.
   as uint8 (``Uint8Images.raw``) and standardized on the device after the copy (``to_device``), where
   the augmentation then runs too (training.regularizers.augment_images).
 - On a GPU the loader pins its batches and the copies are ``non_blocking``; on CPU neither applies.
+- Streamed splits (``Streamed``: Ray Data shards that tuning.driver.ingest hands ``fit`` in a
+  DataBundle) arrive sharded, shuffled and batched: the loaders pass their batches through.
 """
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, TensorDataset
@@ -27,6 +29,25 @@ from training.data import Uint8Images
 # In-memory datasets whose ``ds[list_of_indices]`` is the whole batch, equal to stacking the items.
 BATCH_INDEXED = (TensorDataset, Uint8Images)
 VAL_BATCH = 256    # validation batches are at least this large (no gradients: memory allows it)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Streamed:
+    """A split that arrives as batches from outside this process (a Ray Data shard, handed in by
+    tuning.driver.ingest; nothing here knows Ray): ``len`` is the whole split's samples, every
+    worker's together (steps_per_epoch is planned from it, as for an in-memory split), and
+    ``epoch_batches(epoch)`` this worker's batches of ``epoch``, already sharded, shuffled for that
+    epoch and batched: ``scaling.batch_per_worker`` samples each with partial batches dropped for
+    training, so every worker has the same number (DistributedSampler's drop_last); the validation
+    split whole across the workers, each sample once."""
+
+    def __init__(self, size: int, epoch_batches: Callable[[int], Iterable[Batch]]):
+        self.size, self.epoch_batches = size, epoch_batches
+
+    def __len__(self) -> int:
+        return self.size
 
 
 def sampler(ds: Dataset, seed: int, rank: int, world: int, epoch: int) -> DistributedSampler:
@@ -67,6 +88,9 @@ def batches(ds: Dataset, indices, batch_size: int, drop_last: bool, workers: int
     (measured on synthetic data, batch 128: 3.0 -> 0.7 us of CPU per sample). Uint8Images are read
     raw (uint8): ``to_device`` standardizes them.
     """
+    if isinstance(ds, Streamed):   # cooldown forks and the recipe's probes re-read the training set by index
+        raise TypeError("a streamed split (data.name: raydata) is read once per epoch, in the order its source "
+                        "shuffled it: it cannot be re-read by index (rung_eval cooldown forks, the recipe's probes)")
     if isinstance(ds, Uint8Images):
         ds = ds.raw
     more = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent} if workers > 0 else {}
@@ -109,9 +133,11 @@ class Loaders:
                 "prefetch_factor": cfg.data.prefetch_factor, "persistent": cfg.data.persistent_workers}
 
     def train(self, ds: Dataset, cfg: TrainConfig, rank: int, world: int, device: torch.device,
-              epoch: int) -> DataLoader:
+              epoch: int) -> Iterable[Batch]:
         """This worker's shard of ``ds`` for ``epoch``, ``scaling.batch_per_worker`` at a time
-        (partial batches dropped)."""
+        (partial batches dropped). A Streamed split's batches of ``epoch`` as they come."""
+        if isinstance(ds, Streamed):
+            return ds.epoch_batches(epoch)
         settings = self._settings(cfg, ds, device)
         key = (rank, world, cfg.seed, cfg.scaling.batch_per_worker, tuple(sorted(settings.items())))
 
@@ -122,8 +148,10 @@ class Loaders:
         shard.set_epoch(epoch)
         return loader
 
-    def val(self, ds: Dataset, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> DataLoader:
-        """``ds`` in order, each worker taking a contiguous shard."""
+    def val(self, ds: Dataset, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> Iterable[Batch]:
+        """``ds`` in order, each worker taking a contiguous shard (a Streamed split: its share)."""
+        if isinstance(ds, Streamed):
+            return ds.epoch_batches(0)
         settings = self._settings(cfg, ds, device)
         size = max(cfg.scaling.batch_per_worker, VAL_BATCH)
         key = (rank, world, size, tuple(sorted(settings.items())))

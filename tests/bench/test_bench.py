@@ -99,7 +99,14 @@ def test_large_batch_smoke(tmp_path):
     for key in ("baseline_err", "same_lr_err", "sqrt_err", "linear_err", "constant_warmup_err", "gradual_warmup_err",
                 "grid_best_err", "random_best_err"):
         assert 0 <= number(v[key]) <= 100
-    assert "(v) batch 512, linear, gradual warmup" in (tmp_path / "large_batch.md").read_text()
+    md = (tmp_path / "large_batch.md").read_text()
+    assert "(v) batch 256, linear, gradual warmup" in md and "k-sweep" in md   # the default k = 8
+    assert v["gap_goal_met"] in ("yes", "no") and v["largest_k_within_1pt"] in ("1", "2", "8", "-")
+    assert [number(v[f"k{k}_steps_per_epoch"]) for k in (1, 2, 8)] == [25, 12, 3]   # 800 samples / (k x 32)
+    for k in (1, 2, 8):
+        assert 0 <= number(v[f"k{k}_rule_err"]) <= 100 and 0 <= number(v[f"k{k}_same_lr_err"]) <= 100
+    assert v["k1_rule_err"] == v["k1_same_lr_err"] == v["baseline_err"]   # k = 1 is the baseline (one run)
+    assert (tmp_path / "large_batch_k_sweep.png").stat().st_size > 1000
 
 
 def test_large_batch_grid_and_random_points():
@@ -115,9 +122,40 @@ def test_large_batch_grid_and_random_points():
         lb.grid_points(8, space)
 
 
+def test_rung_fidelity_smoke(tmp_path):
+    v = run_bench("rung_fidelity", tmp_path)
+    assert v["goal_met"] in ("yes", "no") and number(v["compute_ratio"]) > 0
+    for space in ("quickstart", "regularization", "large_batch"):
+        for scheduler in ("fifo", "asha", "cooldown"):
+            assert number(v[f"{space}_{scheduler}_regret"]) >= 0        # nothing beats FIFO's best of the same configs
+        assert number(v[f"{space}_fifo_regret"]) == 0
+        assert number(v[f"{space}_asha_compute"]) <= number(v[f"{space}_fifo_compute"])
+    assert "quickstart_spearman_cooldown_r1" in v and "regularization_kendall_plain_r2" in v   # rungs 1 / 2
+    md = (tmp_path / "rung_fidelity.md").read_text()
+    assert "cooldown-ASHA" in md and "Per schedule" in md
+
+
 def test_overhead_smoke_bare_processes(tmp_path):
     v = run_bench("overhead", tmp_path, "--skip-ray")
     assert number(v["a_samples_per_s"]) > 0 and number(v["b_samples_per_s"]) > 0 and number(v["ratio_b_a"]) > 0
+
+
+def test_gpu_smoke(tmp_path):
+    """bench/gpu.py's smoke run (a CPU, or a GPU where there is one): every part ran and said so;
+    goals are judged on a GPU only."""
+    v = run_bench("gpu", tmp_path)
+    for setting in ("fp32", "bf16", "bf16_cl"):            # compile: the full GPU run only
+        for what in ("model", "bare", "fit", "ratio"):
+            assert number(v[f"small_cnn_{setting}_{what}"]) > 0, (setting, what)
+        assert 0 <= number(v[f"small_cnn_{setting}_wait"]) <= 1
+    assert "small_cnn_bf16_cl_compile_fit" not in v and v["skipped"] == "0"
+    assert all(0 <= number(v[f"jpeg_wait_w{n}"]) <= 1 for n in (0, 2))
+    md = (tmp_path / "gpu.md").read_text()
+    assert "2,470 img/s" in md and "| loader workers |" in md
+    if v["device"] == "cpu":
+        assert (v["goal_fit_ratio_met"], v["goal_bf16_2x_met"], v["goal_wait_met"]) == ("-", "-", "-")
+        assert v["ddp_world"] == "2" and number(v["ddp_total"]) > 0        # 2 CPU processes over gloo
+        assert "say nothing about the GPU goals" in md
 
 
 @pytest.mark.slow   # no Ray, but creating an MLflow sqlite store takes ~10 s
@@ -142,10 +180,32 @@ def test_overhead_smoke_ray(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_gpu_smoke_ray_data(tmp_path):
+    """bench/gpu.py's JPEG folder read through Ray Data (data.name: raydata) on a private cluster."""
+    v = run_bench("gpu", tmp_path, "--ray-data")
+    assert 0 <= number(v["jpeg_wait_ray_data"]) <= 1
+    assert "| Ray Data (" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_asha_smoke(tmp_path):
     v = run_bench("asha", tmp_path)
     assert v["same_configs"] == "yes"
     assert 0 < number(v["asha_epochs"]) <= number(v["fifo_epochs"]) == 3 * 3
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_search_smoke(tmp_path):
+    v = run_bench("search", tmp_path)
+    assert (v["seeds"], v["samples"], v["epochs"]) == ("1", "2", "2")
+    budget = 2 * 2
+    assert number(v["random_fifo_epochs"]) == number(v["pbt_epochs"]) == budget   # FIFO and PBT run to the end
+    for method in ("random_asha", "tpe_asha", "hyperband"):
+        assert 0 < number(v[f"{method}_epochs"]) <= budget, method
+    for method in ("random_fifo", "random_asha", "tpe_asha", "hyperband", "pbt"):
+        assert 0 < number(v[f"{method}_best"]) <= 1 and number(v[f"{method}_worker_s"]) > 0, method
 
 
 @pytest.mark.integration
@@ -155,3 +215,16 @@ def test_tracking_smoke_server_and_trials(tmp_path):
     assert number(v["server_send_one_epoch_ms"]) > 0 and number(v["trial_period_ms"]) > 0
     assert "trial_tracker_ms_server_every_0_05s" in v and "trial_tracker_fraction_server_every_2s" in v
     assert number(v["trial_period_ratio_server_every_2s"]) > 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_scale_smoke(tmp_path):
+    v = run_bench("scale", tmp_path)
+    assert number(v["trivial_trials"]) == 8 and number(v["concurrency"]) >= 1
+    for key in ("s_trivial_tuning_s", "p_trivial_tuning_s", "s_fit_per_trial_s", "p_fit_per_trial_s",
+                "tracker_loop_ms_per_trial"):
+        assert number(v[key]) > 0
+    assert v["goal_overhead"] in ("yes", "no") and v["goal_memory_flat"] in ("yes", "no")
+    md = (tmp_path / "scale.md").read_text()
+    assert "MLflow writes for 8 child runs" in md and "on_trial_complete" in md

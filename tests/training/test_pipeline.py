@@ -133,3 +133,34 @@ def test_memory_is_pinned_for_a_gpu_only():
     gpu = pipeline.Loaders().train(ds, cfg, 0, 1, torch.device("cuda", 0), 0)   # built, not iterated
     assert (cpu.pin_memory, gpu.pin_memory) == (False, True)
     assert (gpu.num_workers, gpu.prefetch_factor, gpu.persistent_workers) == (2, 3, True)
+
+
+def test_streamed_splits_train_exactly_as_the_in_memory_ones():
+    """The seam Ray Data ingest uses (tuning.driver.ingest): a DataBundle whose splits are
+    ``pipeline.Streamed`` (a size and one iterator of batches per epoch). Streams that replay the
+    in-memory sampler's batches train to the same numbers, epoch after epoch; the loop asks each
+    for epochs 0.. in order, takes steps_per_epoch batches of a longer stream, and reads the
+    validation stream once per evaluation. A stream cannot be re-read by index (cooldown forks)."""
+    cfg = cfg_with(epochs=3)
+    memory = load_data(cfg.data)
+    asked = []
+
+    def train_batches(epoch):
+        asked.append(("train", epoch))
+        shard = pipeline.sampler(memory.train, cfg.seed, 0, 1, epoch)
+        yield from pipeline.batches(memory.train, shard, 32, True, 0)
+        yield torch.full((32, 1, 8, 8), float("nan")), torch.zeros(32, dtype=torch.long)   # past the plan: never read
+
+    def val_batches(epoch):
+        asked.append(("val", epoch))
+        return pipeline.batches(memory.val, range(len(memory.val)), 256, False, 0)
+
+    streamed = dataclasses.replace(memory, train=pipeline.Streamed(len(memory.train), train_batches),
+                                   val=pipeline.Streamed(len(memory.val), val_batches))
+    got, want = fit(cfg, data=streamed), fit(cfg)
+    keys = ("train_loss", "train_acc", "val_loss", "val_acc", "step", "lr", "grad_norm")
+    assert [[h[k] for k in keys] for h in got.history] == [[h[k] for k in keys] for h in want.history]
+    assert got.history[-1]["step"] == 3 * (len(memory.train) // 32)
+    assert asked == [("train", 0), ("val", 0), ("train", 1), ("val", 0), ("train", 2), ("val", 0)]
+    with pytest.raises(TypeError, match="cannot be re-read by index"):
+        pipeline.batches(streamed.train, range(4), 2, True, 0)

@@ -71,13 +71,13 @@ def test_backbone_gets_a_tenth_of_the_head_lr_when_finetuning(pretrained_file):
 
 
 def load_registered(model_uri: str, tracking_uri: str) -> dict:
-    """The state_dict of a registered model, read with MLflow's own loader against ``tracking_uri``
-    (explicitly: tuning.tracking.registry.register sets the process-wide URI, so neither it nor the env can be trusted)."""
-    import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    """The weights of a registered model (its weights-only ``state_dict.pt``), read against ``tracking_uri``."""
+    import tempfile
 
-    with _use_tracking_uri(tracking_uri):
-        return mlflow.pytorch.load_model(model_uri).state_dict()
+    from tuning.tracking.registry import registered_state_dict, tracking_uri_scope
+
+    with tracking_uri_scope(tracking_uri), tempfile.TemporaryDirectory() as local:
+        return registered_state_dict(model_uri, local)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def registry(tmp_path_factory):
     """A sqlite MLflow where experiment digits-base trained an MLP on digits and registered it: (uri, run id)."""
     import mlflow
 
-    from tuning.tracking.registry import register
+    from tuning.delivery.export import publish_model
 
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp}/mlflow.db"
@@ -93,7 +93,7 @@ def registry(tmp_path_factory):
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         cfg = TrainConfig.from_dict(PRETRAIN).with_updates({"regularization.ema_decay": 0.9})
         _, (trial,) = log_experiment(uri, "digits-base", [cfg], tmp / "work")
-        assert register(uri, trial.run_id, "digits-base") == "1"
+        assert publish_model(uri, trial.run_id, "digits-base") == ("1", "1")   # version 1, the champion
     return uri, trial.run_id
 
 

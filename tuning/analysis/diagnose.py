@@ -4,7 +4,8 @@ Pure functions over plain data (no Ray, no MLflow, no torch), shared by ``schedt
 tracker tags every trial's MLflow run), ``schedtune report`` and ``schedtune recipe``.
 
 ``history`` is the list of per-epoch metric dicts as ``training.loop.fit`` returns them and Tune
-reports them (``epoch``, ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc``, ``update_ratio``;
+reports them (``epoch``, ``train_loss``, ``val_loss``, ``train_acc``, ``val_acc``, ``update_ratio``,
+``data_wait_fraction``, ``epoch_time_s``;
 a diverged trial's last entry has ``diverged: 1``). ``step_losses`` (optional) is the run's
 per-step training loss (``trace["loss"]``); it is the only way to see a loss that exploded and came
 back down within one epoch. The checks run in this order; the first that fires is the verdict:
@@ -13,14 +14,22 @@ back down within one epoch. The checks run in this order; the first that fires i
 2. plateau_at_start the loss did not move from its initial value for the first epochs
 3. no_learning     the validation accuracy still at chance at the end (a run of SHORT_EPOCHS or more:
                    the training accuracy too); a short run without an accuracy: its validation loss at ln C
-4. too_short       a short run (fewer than SHORT_EPOCHS epochs: ASHA stops most trials at their first
+4. input_bound     the step waited for data more than INPUT_BOUND_WAIT of the time (``data_wait_fraction``,
+                   tuning.analysis.data_wait); its advice ends with what checks 5-9 say of the curves
+5. too_short       a short run (fewer than SHORT_EPOCHS epochs: ASHA stops most trials at their first
                    rung) that left chance: overfitting, still improving and underfitting are trends
                    over SHORT_EPOCHS epochs, and one or two epochs have none to read
-5. overfitting     a large train/val accuracy gap that grows (or a rising validation loss)
-6. still_improving the validation loss still falls at the end
-7. underfitting    both loss curves flat (|trend| < IMPROVING_RATE) and the accuracies close, and
+6. overfitting     a large train/val accuracy gap that grows (or a rising validation loss)
+7. still_improving the validation loss still falls at the end
+8. underfitting    both loss curves flat (|trend| < IMPROVING_RATE) and the accuracies close, and
                    the model does not fit its training set
-8. healthy         none of the above
+9. healthy         none of the above
+
+Why input_bound sits there: checks 1-3 find a trial whose results mean nothing (a wrong LR or init);
+its speed is moot and the config is the fix. Checks 5-9 read how to tune a recipe whose epochs were
+spent training; a trial that idled its accelerator a fifth of the time or more pays that in every
+epoch of every trial sharing its input pipeline, which the curves cannot show, and the fix is a
+config key (no new search). So it comes first among those, with their verdict kept in its advice.
 """
 from __future__ import annotations
 
@@ -29,8 +38,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-KINDS = ("diverged", "plateau_at_start", "no_learning", "too_short", "overfitting", "still_improving", "underfitting",
-         "healthy")
+from tuning.analysis.data_wait import advice as input_bound_advice, input_bound_evidence
+
+KINDS = ("diverged", "plateau_at_start", "no_learning", "input_bound", "too_short", "overfitting", "still_improving",
+         "underfitting", "healthy")
 
 # --- thresholds (each says why)
 # Exploding: a loss 3x the one at initialization (~ln C for a softmax over C classes) is far outside
@@ -159,11 +170,17 @@ def diagnose(history: Sequence[dict], *, step_losses: Optional[Sequence[float]] 
     """The verdict on one run's learning curves (see the module docstring for the order)."""
     history = [h for h in history if isinstance(h, dict)]
     chance = math.log(num_classes) if num_classes and num_classes > 1 else None
-    for check in (_diverged, _plateau, _no_learning, _too_short, _overfitting, _still_improving, _underfitting):
+    for check in (_diverged, _plateau, _no_learning):
         found = check(history, step_losses, chance)
         if found is not None:
             return found
-    return _healthy(history)
+    curves = next((found for check in (_too_short, _overfitting, _still_improving, _underfitting)
+                   if (found := check(history, step_losses, chance)) is not None), None) or _healthy(history)
+    bound = input_bound_evidence(history)
+    if bound is None:
+        return curves
+    return Diagnosis("input_bound", bound, f"{input_bound_advice(bound)}. Its learning curves alone: {curves.kind}: "
+                     f"{curves.advice}")
 
 
 def _diverged(history, step_losses, chance) -> Optional[Diagnosis]:

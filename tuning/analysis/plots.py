@@ -7,6 +7,8 @@ layer over time. Per experiment: the metric of every trial against each sampled 
 
 ``*_figure`` functions build a Figure (tests count its series); ``run_plots`` / ``experiment_plots``
 write the PNGs and return their paths (``schedtune report`` writes them for a run read back from MLflow).
+An experiment that searches the batch size also gets the k-sweep (error vs global batch, with and
+without the linear scaling rule: Goyal et al.'s Figure 1).
 """
 from __future__ import annotations
 
@@ -161,6 +163,64 @@ def experiment_plots(out_dir: str | Path, samples: Sequence[Mapping[str, Any]], 
     out = Path(out_dir)
     return [save(hyperparameter_figure(samples, metrics, space, metric), out / "hyperparameters.png"),
             save(best_so_far_figure(metrics, mode, metric), out / "best_so_far.png")]
+
+
+# ----------------------------------------------------------------------------- the large-batch k-sweep
+
+BATCH_KEY = "scaling.batch_per_worker"   # an experiment that searches it gets the k-sweep plot
+
+
+def follows_scaling_rule(cfg) -> bool:
+    """Goyal et al.'s rule: the LR scaled linearly with the global batch, reached by a gradual warmup
+    (``cfg``: a training.config.TrainConfig)."""
+    s = cfg.schedule
+    gradual = s.warmup == "linear" and (s.warmup_steps if s.warmup_steps is not None else s.warmup_epochs) > 0
+    return cfg.optim.lr_scaling == "linear" and gradual
+
+
+def k_sweep_points(trials: Sequence[Any], base, metric: str) -> list[tuple[int, float, bool]]:
+    """(global batch, y, rule) per trial with a score: ``trials`` are TrialRecords (their sampled
+    values applied onto ``base``, the experiment's TrainConfig, give the global batch and whether the
+    scaling rule holds); y is the error in % for an accuracy metric (``*_acc``), else the score."""
+    out = []
+    for t in trials:
+        if t.metric is None or not math.isfinite(t.metric):
+            continue
+        cfg = base.with_updates(t.sampled)
+        y = 100 * (1 - t.metric) if metric.endswith("acc") else t.metric
+        out.append((cfg.scaling.global_batch, y, follows_scaling_rule(cfg)))
+    return out
+
+
+def k_sweep_figure(points: Sequence[tuple[int, float, bool]], ylabel: str = "val error %",
+                   baseline_batch: Optional[int] = None):
+    """Goyal et al.'s Figure 1: the error against the global batch (log2 x), with the linear scaling
+    rule and gradual warmup and without; every run a point, the best run at each batch a line."""
+    fig, (ax,) = _figure()
+    for rule, color, label in ((True, "C0", "linear scaling + gradual warmup"), (False, "C3", "without the rule")):
+        pts = sorted((b, y) for b, y, r in points if r == rule)
+        if not pts:
+            continue
+        ax.scatter([b for b, _ in pts], [y for _, y in pts], color=color, alpha=0.4, s=14)
+        best: dict[int, float] = {}
+        for b, y in pts:
+            best[b] = min(best.get(b, y), y)
+        ax.plot(list(best), list(best.values()), color=color, marker="o", label=label)
+    if baseline_batch is not None:
+        ax.axvline(baseline_batch, color="grey", linestyle=":", label=f"baseline batch {baseline_batch}")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="global batch (k x n)", ylabel=ylabel, title="error vs global batch (k-sweep)")
+    ax.legend()
+    return fig
+
+
+def k_sweep_plot(out_dir: str | Path, trials: Sequence[Any], space: Mapping[str, Any], base,
+                 metric: str) -> Optional[Path]:
+    """k_sweep.png in ``out_dir`` for an experiment that searches ``scaling.batch_per_worker``; else None."""
+    if BATCH_KEY not in space:
+        return None
+    ylabel = f"{metric.removesuffix('acc').replace('_', ' ')}error %" if metric.endswith("acc") else metric
+    return save(k_sweep_figure(k_sweep_points(trials, base, metric), ylabel), Path(out_dir) / "k_sweep.png")
 
 
 def lr_sweep_figure(lrs: Sequence[float], curves: Sequence[Sequence[Optional[float]]], picked: Optional[float]):

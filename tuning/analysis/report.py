@@ -5,6 +5,16 @@ from __future__ import annotations
 from tuning.analysis.results import ExperimentRecord, ExperimentResult
 from tuning.spec import ExperimentSpec
 
+MLFLOW_UI = "http://127.0.0.1:5000"     # where `mlflow ui` serves a local store
+
+
+def runs_page(tracking_uri: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's trial runs. MLflow 3.17's UI opens ``#/experiments/<id>``
+    in its GenAI view whatever the experiment's ``mlflow.experimentKind`` tag says (the view is a
+    toggle the browser keeps, GenAI by default); this page opens on the runs, in the training view."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
 
 def _fmt(v) -> str:
     if isinstance(v, float):
@@ -14,19 +24,31 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _cost(cost) -> str:
+    """worker-seconds, and the CPU-/GPU-hours they are (tuning.driver.cost)."""
+    if not cost:
+        return "-"
+    return f"{cost['worker_seconds']:.0f} worker-s, {cost['cpu_hours']:.3g} CPU-h, {cost['gpu_hours']:.3g} GPU-h"
+
+
 def results_table(result: ExperimentResult, spec: ExperimentSpec) -> str:
     """Markdown table of every trial, best first: id, how it ended, epochs, metric, the diagnosis of
-    its learning curves (tuning.analysis.diagnose), sampled values."""
+    its learning curves (tuning.analysis.diagnose), its data wait (the mean fraction of its step
+    loop's time spent waiting for batches), its worker-seconds, sampled values; then what ended the
+    experiment and what it cost."""
     keys = list(spec.space)
     metric = spec.options.metric
-    head = ["trial", "status", "epochs", metric, "diagnosis"] + keys
+    head = ["trial", "status", "epochs", metric, "diagnosis", "data wait", "worker-s"] + keys
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         cells = [r.trial_id + (" (best)" if result.best is r else ""), r.status, str(r.epochs),
-                 "-" if r.metric is None else f"{r.metric:.4f}", r.diagnosis or "-"]
+                 "-" if r.metric is None else f"{r.metric:.4f}", r.diagnosis or "-",
+                 "-" if r.data_wait is None else f"{r.data_wait:.0%}",
+                 f"{r.cost['worker_seconds']:.0f}" if r.cost else "-"]
         sample = spec.decode(r.params)
         cells += [_fmt(sample.get(k, "-")) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"ended by: {result.ended_by or 'every trial ended'}", f"cost: {_cost(result.cost)}"]
     return "\n".join(lines)
 
 
@@ -45,13 +67,22 @@ def summary(result: ExperimentResult, spec: ExperimentSpec) -> str:
         out.append(f"best: trial {best.trial_id}, {spec.options.metric} {best.metric:.4f}; sampled:")
         out += [f"  {k}: {_fmt(v)}" for k, v in spec.decode(best.params).items()]
         if result.model_version:
-            out.append(f"registered model: {spec.options.name} version {result.model_version}")
+            crowned = ("alias champion" if result.champion == result.model_version
+                       else f"champion stays version {result.champion}, better by {spec.options.metric}")
+            out.append(f"registered model: {spec.options.name} version {result.model_version} ({crowned}); serve "
+                       f"it: MLFLOW_TRACKING_URI={result.tracking_uri} mlflow models serve -m "
+                       f"models:/{spec.options.name}@champion --env-manager local")
     out.append(f"MLflow: experiment {spec.options.name!r} (id {result.experiment_id}), parent run "
                f"{result.parent_run_id}, tracking URI {result.tracking_uri}")
     if result.tracking_uri.startswith("sqlite:///"):
         out.append(f"open the UI with:  mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.experiment_id:
+        out.append(f"the trials in the UI: {runs_page(result.tracking_uri, result.experiment_id)}")
     if result.lost_metrics:
         out.append(f"warning: {result.lost_metrics} metric values could not be sent to MLflow")
+    if result.lost_artifacts:
+        out.append(f"warning: {result.lost_artifacts} files (checkpoints, plots) could not be uploaded to MLflow "
+                   f"after every retry (tag schedtune.lost_artifacts on the runs; SCHEDTUNE_ARTIFACT_TIMEOUT_S)")
     out.append(f"results: {result.path}  (continue an interrupted run with --resume)")
     return "\n".join(out)
 

@@ -14,9 +14,12 @@ TUNE_KEYS = frozenset({"epoch", "step", "training_iteration", "timestamp", "time
                        "time_since_restore", "iterations_since_restore", "pid", "done", "diverged_step"})
 
 
+SCHEDULER_NAMES = {"asha": "ASHA", "hyperband": "HyperBand", "median": "the median stopping rule", "pbt": "PBT"}
+
+
 def end_state(last: dict[str, Any], errored: bool, epochs: int, scheduler: str) -> str:
-    """How a trial ended, from its last result: completed / stopped by ASHA at epoch N /
-    diverged / failed."""
+    """How a trial ended, from its last result: completed / stopped by ASHA (HyperBand, the median
+    stopping rule) at epoch N / diverged / failed."""
     if errored:
         return "failed"
     if last.get("diverged"):
@@ -24,7 +27,12 @@ def end_state(last: dict[str, Any], errored: bool, epochs: int, scheduler: str) 
     epoch = int(last.get("epoch", 0))
     if epoch >= epochs:
         return "completed"
-    return f"stopped by {'ASHA' if scheduler == 'asha' else 'the scheduler'} at epoch {epoch}"
+    return f"stopped by {SCHEDULER_NAMES.get(scheduler, 'the scheduler')} at epoch {epoch}"
+
+
+def cut_short(epoch: int) -> str:
+    """The status of a trial still running when a completion criterion ended the experiment."""
+    return f"stopped at epoch {epoch}: the experiment ended"
 
 
 def finite_numbers(values: dict[str, Any], exclude=frozenset()) -> dict[str, float]:
@@ -59,6 +67,8 @@ class TrialRow:
     run_id: Optional[str] = None
     error: Optional[str] = None
     diagnosis: Optional[str] = None   # tuning.analysis.diagnose kind of its learning curves
+    cost: Optional[dict[str, float]] = None   # worker_seconds, cpu_hours, gpu_hours (tuning.driver.cost)
+    data_wait: Optional[float] = None   # mean data_wait_fraction of its epochs (tuning.analysis.data_wait)
 
 
 @dataclass
@@ -70,7 +80,11 @@ class ExperimentResult:
     experiment_id: Optional[str] = None
     parent_run_id: Optional[str] = None
     model_version: Optional[str] = None
+    champion: Optional[str] = None    # the registered version with the alias ``champion`` (after this run)
     lost_metrics: int = 0
+    lost_artifacts: int = 0           # files (checkpoints, plots) not uploaded after every retry
+    ended_by: Optional[str] = None    # the completion criterion that ended it (tuning.driver.stopping); None: none
+    cost: dict[str, float] = field(default_factory=dict)   # the trials' costs summed (tuning.driver.cost)
 
     @property
     def best(self) -> Optional[TrialRow]:

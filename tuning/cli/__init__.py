@@ -27,7 +27,7 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "tune": Command("run an experiment (local Ray cluster unless --address)",
+    "tune": Command("run an experiment (a private local Ray cluster unless --address or RAY_ADDRESS)",
                     "Run the experiment a search-space file describes.",
                     experiment.configure_tune, experiment.run_tune),
     "validate": Command("check a search-space file and print the resolved space",
@@ -61,6 +61,9 @@ COMMANDS: dict[str, Command] = {
                       jobs.configure_submit, jobs.run_submit),
     "jobs": Command("list the schedtune jobs of a cluster", "List the schedtune jobs of a Ray cluster.",
                     jobs.configure_jobs, jobs.run_jobs),
+    "logs": Command("print (or --follow) a submitted job's log",
+                    "Print what a submitted schedtune job has written so far; --follow streams it until the "
+                    "job ends.", jobs.configure_logs, jobs.run_logs),
     "stop": Command("stop a submitted job", "Ask the cluster to stop a submitted schedtune job.",
                     jobs.configure_stop, jobs.run_stop),
 }
@@ -72,10 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune deep-learning training recipes: Ray Tune over Ray Train trials, ASHA early "
                     "stopping, every trial in MLflow.",
         epilog="Start with: schedtune tune search_spaces/quickstart.yaml")
+    p.add_argument("--version", action="version", version=f"schedtune {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, c in COMMANDS.items():
         c.configure(sub.add_parser(name, help=c.help, description=c.description))
     return p
+
+
+def version() -> str:
+    """The installed distribution's version (its metadata), as pip shows it."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("schedtune")
+    except PackageNotFoundError:
+        return "(not installed: run pip install -e .)"
 
 
 def _terminate(signum, frame):

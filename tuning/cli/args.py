@@ -30,27 +30,20 @@ def positive_float(text: str) -> float:
 
 def set_pair(text: str) -> tuple[str, Any]:
     """``--set KEY=VALUE``: a dotted key under experiment., train. or space., and a YAML value."""
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. train.optim.base_lr=0.05), got {text!r}")
-    import yaml
+    from tuning.spec.overrides import parse_set
 
-    from tuning.spec import SECTIONS, load_yaml
-
-    key, value = text.split("=", 1)
-    key = key.strip()
-    if key.split(".", 1)[0] not in SECTIONS:   # anything else would be silently ignored
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY under experiment., train. or space. "
-                                         f"(e.g. train.optim.base_lr=0.05), got key {key!r}")
     try:
-        return key, load_yaml(value)
-    except (yaml.YAMLError, ValueError, RecursionError) as e:   # ValueError: e.g. a date 2001-13-45
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with VALUE in YAML, got {value!r} ({problem})") from None
+        return parse_set(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     """The overrides shared by tune, validate, submit and recipe."""
-    p.add_argument("file", metavar="FILE", help="search-space YAML (see search_spaces/)")
+    p.add_argument("file", metavar="FILE", help="search-space YAML (see search_spaces/); - reads it from stdin")
+    p.add_argument("--working-dir", metavar="DIR",
+                   help="where package.module:callable plug-ins import from, put on every worker's path "
+                        "(default: the directory holding FILE; the current one for -)")
     p.add_argument("--num-samples", type=positive_int, help="trials to sample (experiment.num_samples)")
     p.add_argument("--workers", type=positive_int, help="Train workers per trial (train.scaling.num_workers)")
     p.add_argument("--gpus-per-worker", type=positive_float,
@@ -90,8 +83,23 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
+STDIN_FILE = "<stdin>"   # what errors and MLflow call FILE given as -
+
+
 def load(args: argparse.Namespace):
-    """The validated spec of FILE with the flags applied: every input error surfaces here."""
+    """The validated spec of FILE (``-``: standard input) with the flags applied: every input error
+    surfaces here."""
+    import tuning
+
+    if args.file != "-":
+        return tuning.load_spec(args.file, overrides(args), code_dir=args.working_dir)
+    import sys
+    import tempfile
+
     from tuning.spec import load_spec
 
-    return load_spec(args.file, overrides(args))
+    # Read as a file is, so that its errors name lines and the text is logged as written.
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as f:
+        f.write(sys.stdin.read())
+        f.flush()
+        return load_spec(f.name, overrides(args), code_dir=args.working_dir or ".", file=STDIN_FILE)

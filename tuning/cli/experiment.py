@@ -10,8 +10,8 @@ from tuning.cli.args import add_experiment_args, add_tracking_args, load, positi
 def configure_tune(p: argparse.ArgumentParser) -> None:
     add_experiment_args(p)
     add_tracking_args(p)
-    p.add_argument("--address", help="join this Ray cluster (host:port of its GCS, or 'auto') instead of "
-                                     "starting a private local one")
+    p.add_argument("--address", help="join this Ray cluster (host:port of its GCS, or 'auto'); default "
+                                     "$RAY_ADDRESS when set, else a private local cluster ('local' forces one)")
     p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local cluster (default: this machine's)")
     resume = p.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
@@ -23,16 +23,18 @@ def configure_tune(p: argparse.ArgumentParser) -> None:
 
 
 def run_tune(args) -> int:
+    """``tuning.run`` on the file's spec: 0 when a trial finished with a valid metric, else 1."""
     spec = load(args)  # every input error surfaces here, before Ray starts
     print_warnings(spec, args.command)
+    import tuning
     from tuning.analysis.report import summary
-    from tuning.driver.experiment import IF_PRESENT, run_experiment
+    from tuning.driver.experiment import IF_PRESENT
 
-    result = run_experiment(spec, storage=args.storage, tracking_uri=args.tracking_uri, address=args.address,
-                            resume=IF_PRESENT if args.resume_if_present else args.resume, num_cpus=args.num_cpus)
+    result = tuning.run(spec, address=args.address, storage=args.storage, tracking_uri=args.tracking_uri,
+                        resume=IF_PRESENT if args.resume_if_present else args.resume, num_cpus=args.num_cpus)
     print()
-    print(summary(result, spec))
-    return 0 if result.best else 1
+    print(summary(result.experiment, spec))
+    return 0 if result.ok else 1
 
 
 def configure_validate(p: argparse.ArgumentParser) -> None:
@@ -44,6 +46,8 @@ def run_validate(args) -> int:
     print_warnings(spec, args.command)
     print(f"{spec.file}: OK")
     print(spec.describe())
+    if spec.code_dir:
+        print(f"plug-ins import from {spec.code_dir}")
     return 0
 
 

@@ -16,7 +16,7 @@ def configure_report(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args) -> int:
-    from tuning.analysis.plots import experiment_plots, run_plots
+    from tuning.analysis.plots import BATCH_KEY, experiment_plots, k_sweep_plot, run_plots
     from tuning.analysis.report import diagnosis_table
     from tuning.tracking.reads import load_experiment
 
@@ -31,7 +31,22 @@ def run_report(args) -> int:
         ordered = sorted(exp.trials, key=lambda t: t.start_time)
         experiment_plots(out, [t.sampled for t in ordered], [t.metric for t in ordered], exp.space,
                          exp.metric, exp.mode)
+        if BATCH_KEY in exp.space:   # the k-sweep: error vs global batch, with and without the scaling rule
+            k_sweep_plot(out, exp.trials, exp.space, _base_config(exp.parent_run_id, args.tracking_uri), exp.metric)
     print(f"{args.name}: run {exp.parent_run_id}, {len(exp.trials)} trials, metric {exp.metric}")
     print(diagnosis_table(exp))
     print(f"plots: {out}")
     return 0
+
+
+def _base_config(parent_run_id: str, tracking_uri):
+    """The base TrainConfig of an experiment run: its search-space file, as logged on the run."""
+    import tempfile
+
+    from tuning.spec import load_spec
+    from tuning.tracking import schema
+    from tuning.tracking.reads import client_for
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client = client_for(tracking_uri)
+        return load_spec(client.download_artifacts(parent_run_id, schema.SEARCH_SPACE_ARTIFACT, tmp)).base

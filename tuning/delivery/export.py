@@ -7,12 +7,20 @@ dataset's standardization, so the exported model takes raw inputs (pixel intensi
 and returns logits; ``model.json`` (``model.int8.json``) beside it holds the class names, input
 shape, normalization and format. The check runs the exported model (TorchScript, or onnxruntime for ONNX) on validation
 inputs: fp32 fails (exit 1) when a logit or probability differs from PyTorch's by more than
-``--tolerance``; int8 (dynamic quantization of the Linear layers) reports the accuracy change.
+``--tolerance``; int8 (onnxruntime's dynamic quantization of the MatMul/Gemm weights, ONNX only)
+reports the accuracy change. The files and the sidecar are logged to the trial's run
+(``exports/<format>``).
+
+``publish_model`` makes the experiment's registered model from the same ONNX export
+(tuning.tracking.registry writes it; ``python -m tuning.delivery.export --run-id ... --name ...`` is how
+the Tune driver calls it, in a subprocess, so that the driver never loads torch).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +34,22 @@ EXIT_CHECK_FAILED = 1
 
 class ExportCheckError(RuntimeError):
     """The exported model's outputs differ from the PyTorch model's beyond the tolerance."""
+
+
+def check_options(fmt: str, quantize: Optional[str]) -> None:
+    """A format and quantization that can be made, else a ConfigError that says what can.
+
+    int8 TorchScript is not offered: it needs ``torch.ao.quantization``, which PyTorch deprecated,
+    and torchao's quantized weights are tensor subclasses that ``torch.jit.trace`` cannot record
+    (torchao 0.18 with torch 2.14: an internal assert in the tracer)."""
+    from training.config import ConfigError
+
+    if fmt not in FORMATS:
+        raise ConfigError("--format", fmt, f"one of {', '.join(FORMATS)}")
+    if quantize == "int8" and fmt != "onnx":
+        raise ConfigError("--quantize", quantize, "--format onnx with int8 (`schedtune export TARGET --format onnx "
+                          "--quantize int8`: onnxruntime's dynamic quantization); int8 TorchScript would need the "
+                          "deprecated torch.ao.quantization")
 
 
 def _torch():
@@ -65,10 +89,7 @@ class ExportReport:
 # ---------------------------------------------------------------------------- writers and runners
 
 def _write_torchscript(module, example, path: Path, quantize: Optional[str]) -> None:
-    torch = _torch()
-    if quantize == "int8":
-        module = torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {torch.nn.Linear}, dtype=torch.qint8)
-    torch.jit.trace(module, example).save(str(path))
+    _torch().jit.trace(module, example).save(str(path))   # quantize: None (check_options)
 
 
 def _write_onnx(module, example, path: Path, quantize: Optional[str]) -> None:
@@ -142,8 +163,7 @@ def export_model(model, bundle, out_dir: str | Path, fmt: str, *, quantize: Opti
     (None: all) must match within ``tolerance``, else ExportCheckError (the model file stays, for a look);
     int8: accuracy before/after on the whole validation split."""
     torch = _torch()
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    check_options(fmt, quantize)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     module = preprocessed(copy.deepcopy(model).cpu().eval(), bundle.mean, bundle.std).eval()
@@ -190,3 +210,77 @@ def _sidecar(path: Path, fmt: str, quantize: Optional[str], bundle, module, sour
         "source": source or {},
         "check": check,
     }
+
+
+# ---------------------------------------------------------------------------- the registered model
+
+def load_trial(client, run_id: str):
+    """(model, meta, data bundle) of trial run ``run_id``: its best checkpoint's model
+    (tuning.tracking.registry.trial_model) and the data it was trained on (for the normalization
+    and the check's validation inputs)."""
+    from training.config import DataConfig
+    from training.data import load_data
+    from tuning.tracking.registry import trial_model
+
+    with tempfile.TemporaryDirectory(prefix="schedtune-export-") as tmp:
+        model, meta = trial_model(client, run_id, tmp)
+    return model, meta, load_data(DataConfig.from_dict(meta["config"]["data"]))
+
+
+def with_probabilities(src: str | Path, dst: str | Path) -> None:
+    """The ONNX graph at ``src`` with a second output, ``probabilities`` (softmax of ``logits``), at ``dst``."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(src))
+    graph.graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1))
+    out = onnx.ValueInfoProto()
+    out.CopyFrom(next(o for o in graph.graph.output if o.name == "logits"))
+    out.name = "probabilities"
+    graph.graph.output.append(out)
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(dst))
+
+
+def publish_model(tracking_uri: str, run_id: str, name: str) -> tuple[str, str]:
+    """Register trial run ``run_id``'s model as a version of ``name`` that serves without schedtune:
+    the ONNX export (raw inputs; checked against PyTorch, ExportCheckError otherwise), also logged
+    to the run under ``exports/onnx``, with a probabilities output, its weights and sidecar as extra
+    files. Returns (version, the version holding the alias ``champion`` now)."""
+    from tuning.tracking import registry, schema
+    from tuning.tracking.reads import client_for
+
+    client = client_for(tracking_uri)
+    model, meta, bundle = load_trial(client, run_id)
+    source = registry.model_source(client, run_id, meta, tracking_uri)
+    client.set_tag(run_id, schema.MODEL_WEIGHTS, meta["model_weights"])
+    with tempfile.TemporaryDirectory(prefix="schedtune-publish-") as tmp:
+        report = export_model(model, bundle, Path(tmp) / "export", "onnx", source=source)
+        registry.log_export(client, run_id, "onnx", [report.path, report.sidecar])
+        served, extra = Path(tmp) / "model.onnx", Path(tmp) / "extra"
+        with_probabilities(report.path, served)
+        extra.mkdir()
+        sidecar = json.loads(Path(report.sidecar).read_text())
+        sidecar["output"] = {"names": ["logits", "probabilities"], "shape": ["batch", bundle.num_classes],
+                             "note": "probabilities: softmax of logits"}
+        (extra / schema.MODEL_SIDECAR).write_text(json.dumps(sidecar, indent=1))
+        _torch().save(model.state_dict(), extra / schema.MODEL_STATE_DICT)
+        x, _ = _validation(bundle, 2)
+        example = (x * bundle.std + bundle.mean if sidecar["input"]["raw"] else x).numpy()   # raw inputs
+        version = registry.register_onnx(tracking_uri, name, str(served), [str(p) for p in sorted(extra.iterdir())],
+                                         example, source, bundle.num_classes)
+    return version, registry.crown(tracking_uri, name, version)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Register a trial's model (ONNX, servable without schedtune); "
+                                            "prints the version and the champion's version")
+    p.add_argument("--tracking-uri", required=True)
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--name", required=True, help="registered model name")
+    a = p.parse_args()
+    print(json.dumps(dict(zip(("version", "champion"), publish_model(a.tracking_uri, a.run_id, a.name)))))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,9 @@ from ray.tune.search import Searcher
 from tuning.spec import ExperimentSpec
 
 
+PAUSING_SCHEDULERS = ("pbt", "hyperband")   # they pause trials and hold all but `limit` of them
+
+
 class FixedSamples(Searcher):
     def __init__(self, samples: list[dict[str, Any]], metric: Optional[str] = None, mode: Optional[str] = None):
         super().__init__(metric=metric, mode=mode)
@@ -65,10 +68,16 @@ def searcher(spec: ExperimentSpec, limit: int, points: Optional[list[dict]] = No
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(metric=o.metric, mode=o.mode, seed=o.seed), max_concurrent=limit)
+        optuna = OptunaSearch(metric=o.metric, mode=o.mode, seed=o.seed)
+        if o.scheduler.name in PAUSING_SCHEDULERS:   # TPE + HyperBand: the BOHB-like pair
+            return optuna
+        return ConcurrencyLimiter(optuna, max_concurrent=limit)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=o.seed, max_concurrent=limit)
+    # Schedulers that pause trials get every trial at once (max_concurrent 0: no limit) and run `limit`
+    # of them (tuning.driver.trial_schedulers.RunningLimit): a paused trial counts against this limit.
+    pausing = o.scheduler.name in PAUSING_SCHEDULERS
+    return BasicVariantGenerator(random_state=o.seed, max_concurrent=0 if pausing else limit)
 
 
 def to_tune(spec: ExperimentSpec) -> dict[str, Any]:

@@ -50,8 +50,9 @@ def _check_uri(uri: str) -> None:
     except Exception as e:   # pyarrow raises OSError, ArrowInvalid, ... with the backend's message
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise StorageError(f"results storage {uri} is not writable ({reason}): check the URI and its credentials "
-                           f"(for S3/MinIO: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL), "
-                           f"or pass --storage DIR") from None
+                           f"(for S3/MinIO: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, and "
+                           f"AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 for an S3-compatible store; every Ray node "
+                           f"needs them too: docs/faults.md), or pass --storage DIR") from None
 
 
 def latest_run_dir(storage: str, name: str) -> Optional[str]:

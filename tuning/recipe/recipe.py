@@ -35,7 +35,9 @@ NEXT = {"still_improving": "train longer (--refine-epochs, or train.epochs of th
         "diverged": "lower the LR range (--lr) and refine again",
         "plateau_at_start": "check the initialization (step 1-2) and refine again",
         "no_learning": "it is still at chance: check the initialization and the LR range (steps 1-3), then refine again",
-        "too_short": "refine with more epochs (--refine-epochs): its curves are too short to read"}
+        "too_short": "refine with more epochs (--refine-epochs): its curves are too short to read",
+        "input_bound": "feed the workers first (data.loader_workers, data.name: raydata, cheaper augmentation): "
+                       "its step waited for data, so its time per epoch says little about the recipe"}
 
 
 class Recipe:

@@ -8,37 +8,40 @@ artifacts. Runs are found again by tags (``schedtune.run_dir``, ``schedtune.tria
 resumed experiment never duplicates them. Metrics are buffered and sent in batches by a thread of
 their own, every ``FLUSH_EVERY_S``: Tune runs callbacks on its event loop, and a function trainable's
 ``report()`` waits until the driver has run them, so a send on that path would stall every trial
-(measured in bench/tracking.py). A tracking server that goes away is retried at the next flush and
-never fails a trial.
+(measured in bench/tracking.py); the same thread ends the trials' runs (uploads, plots, tags), so an
+upload that takes minutes never holds Tune up. A tracking server that goes away is retried at the
+next flush and never fails a trial. Uploads have a timeout and retries of their own; files that
+still do not get in are counted (``schedtune.lost_artifacts``) and said (tuning.tracking.uploads).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
+from collections import Counter
 from typing import Any, Optional
 
 from ray.tune import Callback
 
-from tuning.analysis.ranking import best_of
-from tuning.analysis.results import end_state, training_metrics
+from tuning.analysis.results import training_metrics
 from tuning.spec import ExperimentSpec
 from tuning.tracking import schema
 from tuning.tracking.backend import experiment_id
 from tuning.tracking.entities import metric as _metric, param as _param, tag as _tag
 from tuning.tracking.reads import best_metric_key
-from tuning.tracking.trial_files import best_and_last, find_checkpoints
+from tuning.tracking.run_files import (best_metric, create_parent_run, diagnose_and_plot, end_tags, log_checkpoints,
+                                      log_experiment_plots, log_text, open_trial_runs)
+from tuning.tracking.trial_files import find_checkpoints
+from tuning.tracking.uploads import Uploader
 
 FLUSH_EVERY_S = 2.0
 FINAL_RETRY_S = 30.0   # at the end, how long a tracking server that is down gets to come back
 
-
 FAILED = object()  # what MLflowTracker._safe returns when the call raised
-TRACE_FILE = "trace.json"   # training.checkpoint.TRACE_FILE (not imported: that module imports torch)
+PARENT = ""        # MLflowTracker.lost_artifacts' key for the parent run's own files
+_ENDED = ("TERMINATED", "ERROR")   # Tune's Trial.status of a trial that will report nothing more
+_THREAD_STATE = ("_lock", "_sending", "_starting", "_stop", "_wake", "_sender", "_uploader")
 
 
 class MLflowTracker(Callback):
@@ -46,7 +49,7 @@ class MLflowTracker(Callback):
 
     def __init__(self, spec: ExperimentSpec, tracking_uri: str, run_dir: str, train_storage: str):
         self.spec, self.uri, self.run_dir, self.train_storage = spec, tracking_uri, run_dir, train_storage
-        self._client = None
+        self._client = self._uploader = None    # made on first use (Tune pickles this object)
         self.experiment_id: Optional[str] = None
         self.parent_run_id: Optional[str] = None
         self._children: dict[str, str] = {}
@@ -54,16 +57,18 @@ class MLflowTracker(Callback):
         self._final: set[str] = set()            # trials whose run ended before an interruption
         self._buffer: dict[str, list] = {}
         self._trials: dict[str, Any] = {}          # trial id -> Tune Trial (to create a run late)
-        self._pending_end: dict[str, tuple] = {}   # trial id -> (trial, errored): ended during an outage
+        self._pending_end: dict[str, tuple] = {}   # trial id -> (trial, errored): ended, its run not yet
         self._last: dict[str, dict] = {}
         self._history: dict[str, list[dict]] = {}  # trial -> per-epoch metrics (learning-curve diagnosis)
         self.diagnoses: dict[str, Any] = {}        # trial -> tuning.analysis.diagnose.Diagnosis, set when it ends
-        self._last_flush = 0.0
+        self.trial_tags: dict[str, dict[str, str]] = {}   # trial -> tags other callbacks add (PBT, cost), sent as it ends
         self._warned = False
-        self.lost: dict[str, int] = {}
-        self._lock = threading.Lock()       # guards _buffer: Tune's loop appends, the sender takes
+        self.lost_artifacts: Counter[str] = Counter()   # trial id (PARENT: the parent run) -> files not uploaded
+        self.lost: dict[str, int] = {}             # read by bench/tracking.py
+        self._lock = threading.Lock()       # guards _buffer and _pending_end: Tune's loop adds, the sender takes
         self._sending = threading.RLock()   # one send at a time (the sender thread, or the driver's flush)
-        self._stop = threading.Event()
+        self._starting = threading.Lock()   # one run per trial: Tune's loop and the sender may both make it
+        self._stop, self._wake = threading.Event(), threading.Event()   # _wake: a trial ended, send now
         self._sender: Optional[threading.Thread] = None
         MLflowTracker._live[run_dir] = self
 
@@ -100,6 +105,10 @@ class MLflowTracker(Callback):
         with self._lock:
             return sum(len(v) for v in self._buffer.values())
 
+    def lost_artifact_count(self) -> int:
+        """Files (checkpoints, plots, tables) that are not in MLflow after every retry."""
+        return sum(self.lost_artifacts.values())
+
     # -- plumbing
     @property
     def client(self):
@@ -113,8 +122,15 @@ class MLflowTracker(Callback):
             self._client = mlflow.MlflowClient(self.uri)
         return self._client
 
+    @property
+    def uploader(self) -> Uploader:
+        """Artifact uploads: their own timeout and retries ($SCHEDTUNE_ARTIFACT_TIMEOUT_S, _RETRIES)."""
+        if self._uploader is None:
+            self._uploader = Uploader(self.client, self.uri)
+        return self._uploader
+
     def __getstate__(self):  # Tune pickles callbacks with the experiment state
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_sending", "_stop", "_sender")}
+        state = {k: v for k, v in self.__dict__.items() if k not in _THREAD_STATE}
         with self._lock:
             state["_buffer"] = {k: list(v) for k, v in self._buffer.items()}
         return {**state, "_client": None, "_trials": {}, "_pending_end": {}}
@@ -144,20 +160,25 @@ class MLflowTracker(Callback):
 
     # -- Tune hooks
     def setup(self, **info):
+        for wait in (2.0, 4.0, None):   # nothing runs yet: a server slow to answer at first gets 3 tries
+            try:
+                return self._setup()
+            except Exception:
+                if wait is None:
+                    raise
+                time.sleep(wait)
+
+    def _setup(self) -> None:
         name = self.spec.options.name
         self.experiment_id = experiment_id(self.client, self.uri, name)
         self.parent_run_id = self._find_run({schema.RUN_DIR: self.run_dir})
         if self.parent_run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=f"{name}-{Path(self.run_dir).name}", tags={
-                schema.RUN_DIR: self.run_dir, schema.ROLE: schema.ROLE_EXPERIMENT,
-                schema.SPACE_FILE: self.spec.file, schema.SPACE_SHA256: self.spec.sha256})
-            self.parent_run_id = run.info.run_id
-            o = self.spec.options
-            self.client.log_batch(self.parent_run_id, params=[_param(k, v) for k, v in {
-                "search": o.search, "num_samples": o.num_samples, "metric": o.metric, "mode": o.mode,
-                "scheduler": o.scheduler.name, "seed": o.seed}.items()])
-            self.client.log_text(self.parent_run_id, self.spec.text, schema.SEARCH_SPACE_ARTIFACT)
+            self.parent_run_id = create_parent_run(self.client, self.experiment_id, self.spec, self.run_dir)
+            self._log_parent_text(self.spec.text, schema.SEARCH_SPACE_ARTIFACT)
         self._start_sender()
+
+    def _log_parent_text(self, text: str, name: str) -> None:
+        self.lost_artifacts[PARENT] += log_text(self.uploader.upload_counted, self.parent_run_id, text, name)
 
     def _start_sender(self) -> None:
         if self._sender is None or not self._sender.is_alive():
@@ -166,12 +187,14 @@ class MLflowTracker(Callback):
             self._sender.start()
 
     def _send_loop(self) -> None:
-        while not self._stop.wait(FLUSH_EVERY_S):
-            self._send_metrics()
+        while not self._stop.is_set():
+            self._wake.wait(FLUSH_EVERY_S)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.flush()
 
     def _send_metrics(self) -> bool:
-        """Send every buffered metric of the trials that have a run; False when MLflow is down
-        (what was not sent stays buffered, in order, for the next try)."""
+        """Send the buffered metrics of trials with a run; False when MLflow is down (the rest stays, in order)."""
         with self._sending:
             with self._lock:
                 trial_ids = list(self._buffer)
@@ -190,6 +213,10 @@ class MLflowTracker(Callback):
             return True
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        with self._starting:
+            self._start_run(trial)
+
+    def _start_run(self, trial) -> None:
         if trial.trial_id in self._children:
             return
         tags = {schema.PARENT_RUN_ID: self.parent_run_id, schema.TRIAL_ID: trial.trial_id}
@@ -232,32 +259,32 @@ class MLflowTracker(Callback):
         with self._lock:
             self._buffer.setdefault(trial.trial_id, []).extend(metrics)
         if self._sender is None and self.parent_run_id:   # restored by --resume: set-up may not have run
-            self._start_sender()
-        # The sender thread sends it. Only what needs the driver waits here for a flush: a run to
-        # create for a trial that started while MLflow was down, trial endings that fell in an outage.
-        if ((self._pending_end or trial.trial_id not in self._children)
-                and time.monotonic() - self._last_flush >= FLUSH_EVERY_S):
-            self.flush()
+            self._start_sender()   # it sends them, and makes the run of a trial that started during an outage
 
     def flush(self) -> None:
-        """Send everything now, from the driver: late trial runs, metrics, pending trial endings."""
-        self._last_flush = time.monotonic()
+        """Send everything now (the sender thread; the driver at the end): late trial runs, metrics, trial endings."""
         with self._sending:
             with self._lock:
                 waiting = [t for t, m in self._buffer.items() if m]
+                ended = list(self._pending_end.values())
             for trial_id in waiting:
                 if trial_id not in self._children and trial_id in self._trials:
                     self.on_trial_start(0, [], self._trials[trial_id])  # it started while MLflow was down
             if not self._send_metrics():
                 return  # still down: the rest stays buffered for the next flush
-            for trial, errored in list(self._pending_end.values()):  # ends that fell in an outage
+            for trial, errored in ended:   # trials that ended since, or during an outage
                 if not self._finish_trial(trial, errored):
                     return
 
     def _end_trial(self, trial, errored: bool) -> None:
+        """Queue the trial's ending for the sender thread (its metrics first, then the uploads and
+        the tags); nothing here waits for MLflow."""
         self._trials[trial.trial_id] = trial
-        self._pending_end[trial.trial_id] = (trial, errored)
-        self.flush()  # sends the trial's metrics, then finishes it (or leaves it pending)
+        with self._lock:
+            self._pending_end[trial.trial_id] = (trial, errored)
+        if self._sender is None and self.parent_run_id:
+            self._start_sender()
+        self._wake.set()
 
     def _finish_trial(self, trial, errored: bool) -> bool:
         """Tag, upload and close a trial's run; False (still pending) while MLflow is down."""
@@ -268,87 +295,65 @@ class MLflowTracker(Callback):
             # no run yet / metrics still unsent: retry at the next flush; ended before an interruption: done
             done = trial.trial_id in self._final
             if done:
-                self._pending_end.pop(trial.trial_id, None)
+                with self._lock:
+                    self._pending_end.pop(trial.trial_id, None)
             return done
-        last = self._last.get(trial.trial_id, {})
-        state = end_state(last, errored, self.spec.base.epochs, self.spec.options.scheduler.name)
-        tags = {schema.STATUS: state, schema.END_EPOCH: str(int(last.get("epoch", 0)))}
-        if last.get("diverged"):
-            tags.update({schema.DIVERGED_STEP: str(int(last["diverged_step"])),
-                         schema.DIVERGED_LR: f"{last['diverged_lr']:.6g}"})
-        if errored and getattr(trial, "error_file", None):
-            tags[schema.ERROR_FILE] = str(trial.error_file)
-        last_ckpt = self._safe("log checkpoints", self._log_checkpoints, trial, run_id)
-        if last_ckpt is FAILED:
+        o, history, upload = self.spec.options, self._history.get(trial.trial_id, []), self.uploader.upload_counted
+        last = self._last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}
+        tags = {**end_tags(last, errored, getattr(trial, "error_file", None), self.spec),
+                **self.trial_tags.get(trial.trial_id, {})}
+        found = find_checkpoints(self._trial_dir(trial)) + find_checkpoints(f"{self.train_storage}/train-{trial.trial_id}")
+        logged = self._safe("log checkpoints", log_checkpoints, self.client, upload, run_id, trial.trial_id, found,
+                            o.metric, o.mode)
+        if logged is FAILED:
             return False
-        diagnosis = self._safe("diagnose a trial", self._diagnose, trial.trial_id, run_id, last_ckpt)
-        tags.update({} if diagnosis is FAILED else diagnosis)
-        # The status tag goes last: once a run has it, its checkpoints are in (resume relies on it).
-        o = self.spec.options
-        score = best_of((h.get(o.metric) for h in self._history.get(trial.trial_id, [])), o.mode)
-        best = [] if score is None else [_metric(best_metric_key(o.metric), score)]   # what `runs` ranks by
-        if self._safe("tag a trial", self.client.log_batch, run_id, metrics=best,
+        trace, meta, lost = logged
+        diagnosed = self._safe("diagnose a trial", diagnose_and_plot, upload, run_id, trial.trial_id, history,
+                               trace, meta)
+        if diagnosed is not FAILED and diagnosed[0] is not None:
+            self.diagnoses[trial.trial_id] = diagnosed[0]
+            tags.update(diagnosed[1])
+            lost += diagnosed[2]
+        if lost:
+            tags[schema.LOST_ARTIFACTS] = str(lost)
+        # The status tag goes last: once a run has it, its checkpoints are in, or counted in
+        # schedtune.lost_artifacts (resume relies on it).
+        best = self._safe("read a trial's metric", best_metric, self.client, run_id, history, o.metric, o.mode)
+        if best is FAILED or self._safe("tag a trial", self.client.log_batch, run_id, metrics=best,
                       tags=[_tag(k, v) for k, v in tags.items()]) is FAILED:
             return False
         if self._safe("end a trial run", self.client.set_terminated, run_id,
                       "FAILED" if errored else "FINISHED") is FAILED:
             return False
-        self._pending_end.pop(trial.trial_id, None)
+        self.lost_artifacts[trial.trial_id] = lost   # set, not added: a retried ending counts once
+        with self._lock:
+            self._pending_end.pop(trial.trial_id, None)
         return True
 
-    def _log_checkpoints(self, trial, run_id: str) -> tuple[dict, dict]:
-        """Log the best and last checkpoints; return the last one's (trace, meta), {} where none."""
-        import pyarrow.fs as pafs
-
-        found = find_checkpoints(trial.path) + find_checkpoints(f"{self.train_storage}/train-{trial.trial_id}")
-        best, last = best_and_last(found, self.spec.options.metric, self.spec.options.mode)
-        trace: dict = {}
-        for label, ckpt in (("best", best), ("last", last)):
-            if ckpt is None:
-                continue
-            with tempfile.TemporaryDirectory() as tmp:
-                pafs.copy_files(ckpt[0], tmp)
-                if label == "last" and (Path(tmp) / TRACE_FILE).exists():
-                    trace = json.loads((Path(tmp) / TRACE_FILE).read_text())
-                self.client.log_artifacts(run_id, tmp, f"{schema.CHECKPOINTS_DIR}/{label}")
-            self.client.set_tag(run_id, schema.checkpoint_epoch_tag(label), str(ckpt[1]["epoch"]))
-        return trace, (last[1] if last else {})
-
-    def _diagnose(self, trial_id: str, run_id: str, last_ckpt: tuple[dict, dict]) -> dict[str, str]:
-        """Diagnose the trial's learning curves (returned as tags) and log its plots under plots/."""
-        from tuning.analysis.diagnose import diagnose
-
-        trace, meta = last_ckpt
-        history = self._history.get(trial_id, [])
-        if not history:   # failed before its first report: nothing to read
-            return {}
-        d = diagnose(history, step_losses=trace.get("loss"), num_classes=meta.get("num_classes"))
-        self.diagnoses[trial_id] = d
-        self._safe("log plots", self._log_plots, run_id, history, trace)
-        return {schema.DIAGNOSIS: d.kind, schema.DIAGNOSIS_EVIDENCE: d.evidence_json()}
-
-    def _log_plots(self, run_id: str, history: list[dict], trace: dict) -> None:
-        from tuning.analysis.plots import run_plots
-
-        with tempfile.TemporaryDirectory() as tmp:
-            if run_plots(tmp, history, trace):
-                self.client.log_artifacts(run_id, tmp, schema.PLOTS_DIR)
+    def _trial_dir(self, trial) -> str:
+        """The Tune trial's directory as a path or URI: ``trial.path`` is a path on Tune's storage
+        filesystem, without its scheme (``bucket/prefix/...`` for s3://), so it is rebuilt from the run
+        directory, which has it."""
+        name = getattr(getattr(trial, "storage", None), "trial_dir_name", None)
+        return f"{self.run_dir}/{name}" if name else trial.path
 
     def log_experiment_plots(self, rows: list) -> None:
         """Metric against each sampled hyperparameter and the best-so-far curve (trials in start
-        order) as PNGs under plots/ on the parent run. ``rows``: tuning.driver.experiment.TrialRow."""
-        from tuning.analysis.plots import experiment_plots
-
+        order) as PNGs under plots/ on the parent run. ``rows``: tuning.analysis.results.TrialRow."""
         order = {t: i for i, t in enumerate(self.trial_order())}
         rows = sorted(rows, key=lambda r: order.get(r.trial_id, len(order)))
-        o = self.spec.options
+        lost = self._safe("log experiment plots", log_experiment_plots, self.uploader.upload_counted,
+                          self.parent_run_id, self.spec, rows)
+        self.lost_artifacts[PARENT] += 0 if lost is FAILED else lost
 
-        def log():
-            with tempfile.TemporaryDirectory() as tmp:
-                experiment_plots(tmp, [self.spec.decode(r.params) for r in rows], [r.metric for r in rows],
-                                 self.spec.space, o.metric, o.mode)
-                self.client.log_artifacts(self.parent_run_id, tmp, schema.PLOTS_DIR)
-        self._safe("log experiment plots", log)
+    def add_trial_tags(self, trial_id: str, tags: dict[str, str]) -> None:
+        """Tags for a trial's run, sent with the tags of how it ended (its PBT perturbations, its cost)."""
+        self.trial_tags.setdefault(trial_id, {}).update(tags)
+
+    def tag_parent(self, tags: dict[str, str]) -> None:
+        """Tags on the experiment's run (the experiment's cost, what ended it)."""
+        self._safe("tag the experiment run", self.client.log_batch, self.parent_run_id,
+                   tags=[_tag(k, v) for k, v in tags.items()])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._end_trial(trial, errored=False)
@@ -356,29 +361,46 @@ class MLflowTracker(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end_trial(trial, errored=True)
 
-    def finish(self, table_md: str, best: Optional[dict], model_version: Optional[str]) -> None:
-        """Close the parent run: results table, best trial, registered model. A server that is
-        down gets ``FINAL_RETRY_S`` to come back before anything is reported lost."""
+    def on_experiment_end(self, trials, **info):
+        """Tune is done: end the runs of trials whose ending never reached MLflow (the driver was killed in
+        between; Tune restores them as ended, silently), and send everything before ``fit()`` returns."""
+        with self._lock:
+            ended = {t.trial_id: t for t in trials if t.status in _ENDED and t.trial_id not in self._pending_end}
+        open_runs = self._safe("find open trial runs", open_trial_runs, self.client, self.experiment_id,
+                               self.parent_run_id) if ended else {}
+        for trial_id, run_id in ({} if open_runs is FAILED else open_runs).items():
+            if trial_id in ended:
+                self._children.setdefault(trial_id, run_id)
+                self._end_trial(ended[trial_id], errored=ended[trial_id].status == "ERROR")
+        self.settle()
+
+    def settle(self) -> None:
+        """Stop the sender thread, send what is left; a server that is down gets ``FINAL_RETRY_S`` to come back."""
         deadline = time.monotonic() + FINAL_RETRY_S
         self._stop.set()
+        self._wake.set()
         if self._sender is not None:
             self._sender.join()
         self.flush()
         while (self._pending_end or any(self._buffer.values())) and time.monotonic() < deadline:
             time.sleep(2.0)
             self.flush()
+
+    def finish(self, table_md: str, best: Optional[dict], model_version: Optional[str]) -> None:
+        """Close the parent run: results table, best trial, registered model, what is lost."""
+        self.settle()
         pending = self.unsent_metrics()
         if pending or self._pending_end:
             print(f"[schedtune] MLflow at {self.uri}: {pending} metric values and {len(self._pending_end)} "
                   f"trial endings could not be sent", file=sys.stderr)
             self._safe("tag lost metrics", self.client.set_tag, self.parent_run_id,
                        schema.LOST_METRICS, str(pending))
-        self._safe("log the results table", self.client.log_text, self.parent_run_id, table_md, schema.RESULTS_ARTIFACT)
-        if best:
-            self._safe("tag the best trial", self.client.log_batch, self.parent_run_id, tags=[
-                _tag(schema.BEST_TRIAL_ID, best["trial_id"]), _tag(schema.BEST_RUN_ID, best["run_id"])],
-                metrics=[_metric(best_metric_key(self.spec.options.metric), best["metric"])])
-        if model_version:
-            self._safe("tag the model", self.client.set_tag, self.parent_run_id, schema.MODEL_VERSION, model_version)
+        self._safe("log the results table", self._log_parent_text, table_md, schema.RESULTS_ARTIFACT)
+        tags = {schema.LOST_ARTIFACTS: str(self.lost_artifact_count())} if self.lost_artifact_count() else {}
+        tags.update({schema.BEST_TRIAL_ID: best["trial_id"], schema.BEST_RUN_ID: best["run_id"]} if best else {})
+        tags.update({schema.MODEL_VERSION: model_version} if model_version else {})
+        self._safe("tag the experiment run", self.client.log_batch, self.parent_run_id,
+                   tags=[_tag(k, v) for k, v in tags.items()],
+                   metrics=[_metric(best_metric_key(self.spec.options.metric), best["metric"])] if best else [])
         self._safe("end the experiment run", self.client.set_terminated, self.parent_run_id, "FINISHED")
 

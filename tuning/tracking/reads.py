@@ -23,7 +23,8 @@ from tuning.spec import load_yaml
 from tuning.tracking import schema
 from tuning.tracking.backend import resolve_tracking_uri, store_exists
 
-HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "update_ratio", "lr", "diverged")
+HISTORY_KEYS = ("train_loss", "val_loss", "train_acc", "val_acc", "update_ratio", "lr", "diverged",
+                "data_wait_fraction", "epoch_time_s")   # the last two: the input_bound diagnosis reads them
 EXCLUDED_STATUSES = ("diverged", "failed", schema.STATUS_RUNNING)   # no usable best checkpoint
 MAX_TRIAL_RUNS = 10000
 

@@ -23,6 +23,7 @@ BEST_TRIAL_ID = "schedtune.best_trial_id"
 BEST_RUN_ID = "schedtune.best_run_id"
 MODEL_VERSION = "schedtune.model_version"
 LOST_METRICS = "schedtune.lost_metrics"
+LOST_ARTIFACTS = "schedtune.lost_artifacts"      # files not uploaded after every retry (also on a trial run)
 PARENT_PARAMS = ("search", "num_samples", "metric", "mode", "scheduler", "seed")
 PARAM_METRIC, PARAM_MODE = "metric", "mode"
 
@@ -37,6 +38,27 @@ ERROR_FILE = "schedtune.error_file"
 DIAGNOSIS = "schedtune.diagnosis"
 DIAGNOSIS_EVIDENCE = "schedtune.diagnosis_evidence"
 MODEL_WEIGHTS = "schedtune.model_weights"        # raw | ema: which weights the trial's model is
+PBT_PERTURBATIONS = "schedtune.pbt.perturbations"  # how many times PBT perturbed the trial
+
+
+def pbt_perturbation_tag(i: int) -> str:
+    """``schedtune.pbt.perturbation.<i>`` (1-based): JSON of epoch, from_trial, from_epoch, old,
+    from_values, new, operations, factors (tuning.driver.trial_schedulers.RecordingPBT)."""
+    return f"schedtune.pbt.perturbation.{i}"
+
+
+# -- cost: a trial's on its run, the experiment's (the sum) on the parent; resources x wall time, start-up included
+COST_WORKER_SECONDS = "schedtune.cost.worker_seconds"
+COST_CPU_HOURS = "schedtune.cost.cpu_hours"
+COST_GPU_HOURS = "schedtune.cost.gpu_hours"
+ENDED_BY = "schedtune.ended_by"                  # parent: what ended the experiment (tuning.driver.stopping)
+
+
+def system_metrics_node_tag(node: str | None) -> str:
+    """A trial run's tag of where a node's system metrics (``system/<node>/...``) were sampled:
+    ``schedtune.system_metrics.node`` (one node), ``schedtune.system_metrics.node_<k>``
+    (tuning.tracking.system_metrics)."""
+    return f"schedtune.system_metrics.{node or 'node'}"
 
 
 def checkpoint_epoch_tag(label: str) -> str:
@@ -75,3 +97,19 @@ LAST_TRACE = "checkpoints/last/trace.json"
 LAST_META = "checkpoints/last/meta.json"
 ENSEMBLE_ARTIFACT = "ensemble.txt"
 MODEL_ARTIFACT = "model"
+
+
+def export_dir(fmt: str) -> str:
+    """Where ``schedtune export`` logs a model file and its sidecar on the trial run: ``exports/onnx``
+    (``model.onnx`` + ``model.json``, ``model.int8.onnx`` + ``model.int8.json``), ``exports/torchscript``."""
+    return f"exports/{fmt}"
+
+
+# -- the registered model (the MLflow Model Registry)
+CHAMPION_ALIAS = "champion"                      # the best version registered so far, by the experiment's metric
+MODEL_STATE_DICT = "state_dict.pt"               # extra file of the registered model: its weights (weights-only)
+MODEL_SIDECAR = "model.json"                     # extra file: class names, normalization, source, check
+# model version tags: where it came from (TRIAL_ID, EXPERIMENT_RUN_ID) and what the champion is compared on
+VERSION_METRIC = "schedtune.metric"              # e.g. val_acc
+VERSION_MODE = "schedtune.mode"                  # max | min
+VERSION_METRIC_VALUE = "schedtune.metric_value"

@@ -1,5 +1,6 @@
 """`schedtune export`: TorchScript and ONNX files that take raw inputs and match the PyTorch model,
-int8 dynamic quantization with its accuracy change, the sidecar, and the check that fails loudly."""
+int8 dynamic quantization (ONNX) with its accuracy change, the sidecar, the check that fails loudly,
+int8 TorchScript refused with what to use instead, and the files logged to the trial's run."""
 import json
 
 import pytest
@@ -68,17 +69,30 @@ def test_fp32_export_matches_pytorch_on_raw_inputs(trained, tmp_path, fmt, arch)
     assert side["input"]["raw"] is True and side["output"]["name"] == "logits"
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_int8_reports_the_accuracy_change(trained, tmp_path, fmt):
+def test_int8_reports_the_accuracy_change(trained, tmp_path):
     model, bundle = trained["mlp"]
-    report = export_model(model, bundle, tmp_path, fmt, quantize="int8")
+    report = export_model(model, bundle, tmp_path, "onnx", quantize="int8")
     c = report.check
-    assert report.path.endswith(f"model.int8{'.pt' if fmt == 'torchscript' else '.onnx'}")
+    assert report.path.endswith("model.int8.onnx")
     assert c["samples"] == len(bundle.val) and "passed" not in c          # no tolerance check for int8
     assert c["accuracy_change"] == pytest.approx(c["val_acc_exported"] - c["val_acc_pytorch"])
     assert abs(c["accuracy_change"]) < 0.03 and c["prediction_agreement"] > 0.95
     assert c["max_abs_diff_logits"] > 0                                 # it really is quantized
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([report.path.split("/")[-1], "model.int8.json"])
+
+
+def test_int8_torchscript_is_refused_naming_the_onnx_form(trained, tmp_path, capsys):
+    """torch.ao.quantization is deprecated, and torchao's int8 tensors cannot be traced to TorchScript."""
+    from training.config import ConfigError
+    from tuning.cli import main
+
+    model, bundle = trained["mlp"]
+    with pytest.raises(ConfigError, match=r"--quantize: got 'int8', expected --format onnx .*--quantize int8"):
+        export_model(model, bundle, tmp_path, "torchscript", quantize="int8")
+    assert list(tmp_path.iterdir()) == []
+    # the command says so before it reads anything (there is no store here at all)
+    assert main(["export", "anything", "--quantize", "int8", "--tracking-uri", f"sqlite:///{tmp_path}/none.db"]) == 2
+    assert "--format onnx --quantize int8" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_a_mismatching_export_fails_the_check(trained, tmp_path, monkeypatch):
@@ -110,18 +124,36 @@ def test_export_command_by_experiment_name_and_run_id(logged, tmp_path, capsys, 
     from tuning.cli import main
 
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
     uri, trials = logged
+    client = mlflow.MlflowClient(uri)
     best = max(trials, key=lambda t: t.result.best["val_acc"])
     assert main(["export", "export-test", "--format", "onnx", "--tracking-uri", uri, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "the best trial of experiment 'export-test'" in out and ": OK" in out
+    assert f"logged them to run {best.run_id} under exports/onnx" in out
     side = json.loads((tmp_path / "a" / "model.json").read_text())
-    assert side["source"]["run_id"] == best.run_id and side["source"]["model_weights"] in ("raw", "ema")
+    source = side["source"]
+    assert source["run_id"] == best.run_id and source["model_weights"] in ("raw", "ema")
+    assert (source["experiment"], source["trial_id"], source["metric"], source["mode"]) == (
+        "export-test", best.trial_id, "val_acc", "max")
+    assert source["metric_value"] == pytest.approx(source["metrics"][("ema_" if source["model_weights"] == "ema"
+                                                                      else "") + "val_acc"])
     other = next(t for t in trials if t is not best)
     assert main(["export", other.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "b"),
-                 "--quantize", "int8"]) == 0
+                 "--format", "onnx", "--quantize", "int8"]) == 0
     assert "int8 check on 360 validation inputs: accuracy" in capsys.readouterr().out
     assert json.loads((tmp_path / "b" / "model.int8.json").read_text())["source"]["run_id"] == other.run_id
+    # the files are on the runs they came from, byte for byte
+    for trial, names in ((best, ["model.json", "model.onnx"]), (other, ["model.int8.json", "model.int8.onnx"])):
+        assert sorted(a.path for a in client.list_artifacts(trial.run_id, "exports/onnx")) == [
+            f"exports/onnx/{n}" for n in names]
+    logged_copy = client.download_artifacts(other.run_id, "exports/onnx/model.int8.onnx", str(tmp_path))
+    assert open(logged_copy, "rb").read() == (tmp_path / "b" / "model.int8.onnx").read_bytes()
+    assert main(["export", best.run_id, "--tracking-uri", uri, "--out", str(tmp_path / "c")]) == 0   # torchscript
+    assert {a.path for a in client.list_artifacts(best.run_id, "exports/torchscript")} == {
+        "exports/torchscript/model.pt", "exports/torchscript/model.json"}
     assert main(["export", "neither-a-name-nor-a-run", "--tracking-uri", uri]) == 2
     assert "neither a schedtune experiment nor a run id" in capsys.readouterr().err
 

@@ -1,6 +1,9 @@
-"""`schedtune tune --resume` after the tuning process is killed mid-experiment."""
+"""`schedtune tune --resume` after the tuning process is killed mid-experiment: it finishes with
+everything a run that was never interrupted has (one run per trial, the best run id, the registered
+model with its alias, the results table, the plots), and no trial is run twice."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -52,7 +55,7 @@ def test_resume_after_kill_completes_without_rerunning_and_asha_decisions_stand(
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     proc = subprocess.Popen(_cmd(ray_cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=tmp_path)
+                            text=True, cwd=tmp_path, start_new_session=True)
     before: dict[str, tuple[str, int]] = {}
     deadline = time.monotonic() + 300
     try:
@@ -64,7 +67,7 @@ def test_resume_after_kill_completes_without_rerunning_and_asha_decisions_stand(
                 break
             time.sleep(0.3)
     finally:
-        proc.send_signal(signal.SIGKILL)   # no cleanup at all: what a crash or OOM kill leaves
+        os.killpg(proc.pid, signal.SIGKILL)   # the driver's whole group, no cleanup: what a crash or OOM kill leaves
         out = proc.communicate(timeout=60)[0]
     assert before, f"no trial completed and none was stopped by ASHA before the deadline:\n{out[-3000:]}"
     assert len(before) < SAMPLES, "the experiment finished before it could be interrupted"
@@ -94,3 +97,28 @@ def test_resume_after_kill_completes_without_rerunning_and_asha_decisions_stand(
             assert steps == list(range(1, (EPOCHS if status == "completed" else 1) + 1)), (status, steps)
         else:
             assert steps == sorted(set(steps)), steps           # a resumed trial logs no epoch twice
+
+    # everything an uninterrupted run has (tests/tuning/driver/test_tune_integration.py), after the resume
+    parent = parents[0]
+    completed = [r for r in runs if after[r.data.tags["schedtune.trial_id"]][0] == "completed"]
+    score = {r.info.run_id: max(m.value for m in client.get_metric_history(r.info.run_id, "val_acc"))
+             for r in completed}
+    best = next(r for r in runs if r.info.run_id == parent.data.tags["schedtune.best_run_id"])
+    assert score[best.info.run_id] == max(score.values())      # the two lr=0.05 trials may tie
+    assert parent.data.tags["schedtune.best_trial_id"] == best.data.tags["schedtune.trial_id"]
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    assert version.run_id == best.info.run_id and parent.data.tags["schedtune.model_version"] == str(version.version)
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == str(version.version)
+    assert f"Best trial {best.data.tags['schedtune.trial_id']}" in version.description
+    assert f"registered model: {NAME} version {version.version} (alias champion)" in p.stdout
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"search_space.yaml", "results.md", "plots"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
+        "plots/hyperparameters.png", "plots/best_so_far.png"}
+    with open(client.download_artifacts(parent.info.run_id, "results.md", str(tmp_path))) as f:
+        results = f.read()
+    assert all(r.data.tags["schedtune.trial_id"] in results for r in runs) and "| diagnosis |" in results
+    for r in runs:
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "checkpoints")} == {
+            "checkpoints/best", "checkpoints/last"}, r.data.tags["schedtune.trial_id"]
+        assert "schedtune.diagnosis" in r.data.tags and "schedtune.lost_artifacts" not in r.data.tags
+    assert {"schedtune.lost_metrics", "schedtune.lost_artifacts"}.isdisjoint(parent.data.tags)

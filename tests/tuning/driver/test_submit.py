@@ -1,8 +1,8 @@
 """Job submission (tuning.driver.submit) against a real token-auth Ray head.
 
-One module-scoped head (``ray start --head`` through LocalCluster: its own temp dir and ports,
-2 CPUs, ``RAY_AUTH_MODE=token`` and a random ``RAY_AUTH_TOKEN`` in its environment) serves every
-integration test: the job API refuses requests without the token or with a wrong one (raw HTTP,
+One head (``ray start --head`` through LocalCluster: its own temp dir and ports, 2 CPUs,
+``RAY_AUTH_MODE=token`` and a random ``RAY_AUTH_TOKEN`` in its environment; the package's ``head``
+fixture, tests/tuning/driver/conftest.py) serves every integration test: the job API refuses requests without the token or with a wrong one (raw HTTP,
 the Python API, the CLI: exit 2, one line); the smoke quickstart submitted through the Python API
 (once, a module fixture) runs to SUCCEEDED and its trials are in MLflow; ``schedtune jobs`` lists it
 and ``schedtune stop`` stops a second submission. No output, job log, job entrypoint, runtime
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuning.driver.cluster import LocalCluster
+from tests.tuning.driver.conftest import Head, hold_token
 from tuning.spec import SpaceError
 from tuning.driver.submit import SubmitError, SubmitResult, _client, _interrupted, entrypoint, list_jobs, submit_experiment
 
@@ -40,35 +40,10 @@ def cluster_test(fn):
     return pytest.mark.integration(pytest.mark.slow(fn))
 
 
-@dataclass
-class Head:
-    url: str            # the dashboard / job API
-    address: str        # the GCS, for ray.init
-    token: str
-    tmp: Path
-
-
-@pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    token = secrets.token_hex(16)
-    cluster = LocalCluster(num_cpus=2, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
-    cluster.start()
-    try:
-        yield Head(cluster.dashboard_url, cluster.address, token, tmp_path_factory.mktemp("submit"))
-    finally:
-        cluster.stop()
-
-
-def _hold_token(mp: pytest.MonkeyPatch, head: Head) -> None:
-    mp.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    mp.setenv("RAY_AUTH_MODE", "token")
-    mp.setenv("RAY_AUTH_TOKEN", head.token)
-
-
 @pytest.fixture
 def auth(head, monkeypatch):
     """This process holds the cluster's token, as a user who set it up would."""
-    _hold_token(monkeypatch, head)
+    hold_token(monkeypatch, head)
     return head
 
 
@@ -87,7 +62,7 @@ def first_job(head) -> FirstJob:
     uri = f"sqlite:///{head.tmp}/mlflow.db"
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
-        _hold_token(mp, head)
+        hold_token(mp, head)
         r = submit_experiment(QUICKSTART, head.url, overrides=SMOKE, storage=str(head.tmp / "results"),
                               tracking_uri=uri, out=lines.append)
         info = _client(head.url).get_job_info(r.submission_id)
@@ -120,6 +95,26 @@ def test_entrypoint_overrides_round_trip_through_set():
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in sets)} == values
     assert argv[-4:] == ["--storage", "/shared/results dir", "--tracking-uri", "http://mlflow:5000"]
+
+
+def test_a_spec_that_is_not_a_file_travels_as_the_entrypoints_stdin_exactly():
+    """A dict, a loaded spec or a file outside the working dir: ``tune -`` reads the text from a quoted
+    here-document; nothing in it is expanded by the job's shell."""
+    text = "experiment: {name: 'it''s $HOME `x`'}\ntrain: {epochs: 2}  # \"quoted\" \\n\n"
+    cmd = entrypoint("-", {"train.epochs": 2}, None, None, stdin_text=text)
+    head, _, body = cmd.partition(" <<'")
+    assert head == "python -m tuning.cli tune - --address auto --set train.epochs=2"
+    shown = subprocess.run(["sh", "-c", "cat <<'" + body], capture_output=True, text=True, check=True).stdout
+    assert shown == text
+
+
+def test_a_loaded_spec_is_submitted_as_the_document_that_loads_back_to_it():
+    from tuning.driver.submit import spec_document
+    from tuning.spec import load_spec
+
+    spec = load_spec(QUICKSTART, {**SMOKE, "space.optim.base_lr": {"loguniform": [1e-3, 0.3]}})
+    again = load_spec(yaml.safe_load(yaml.safe_dump(spec_document(spec))))
+    assert (again.options, again.base, again.space) == (spec.options, spec.base, spec.space)
 
 
 def test_a_bad_space_file_fails_before_contacting_the_cluster(tmp_path):

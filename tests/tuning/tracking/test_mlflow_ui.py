@@ -1,14 +1,19 @@
 """Browser test: the MLflow UI shows an experiment's trial runs nested under its parent run.
 
 Headless Chromium (Debian's ``chromium`` package; ``.ci/run`` installs it) driven by Playwright
-for Python opens the runs page of the session's real ``mlflow server`` after the 4-trial ASHA
-experiment of ``conftest.experiment`` and checks what a person would see there.
+for Python opens the page schedtune's summary links to (tuning.analysis.report.runs_page) on the
+session's real ``mlflow server`` after the 4-trial ASHA experiment of ``conftest.experiment``, in a
+fresh browser profile, and checks what a person would see there without switching any view.
 
 MLflow 3.17 UI notes (what the test relies on):
-  * ``#/experiments/<id>`` redirects to the GenAI "Overview" page (``overview/usage``: the UI's
-    default workflow is GenAI). The runs table lives at ``#/experiments/<id>/runs``;
-    ``?workflowType=machine_learning`` selects the "Model training" side bar for it (the choice
-    is otherwise kept in the browser's localStorage, empty in a fresh profile).
+  * The experiment carries ``mlflow.experimentKind = custom_model_development`` (schedtune sets it),
+    but 3.17's UI does not route by it: ``#/experiments/<id>`` (what MLflow prints, and where the
+    experiment list links) redirects to the GenAI "Overview" page (``overview/usage?workflowType=genai``)
+    for every experiment, because the view is a global "GenAI | Model training" toggle kept in the
+    browser's localStorage (``mlflow.workflowType``, GenAI when empty) and the experiment kind is
+    read from that toggle (a feature flag hard-wired on in 3.17.2's bundle). The runs table lives
+    at ``#/experiments/<id>/runs``; ``?workflowType=machine_learning`` opens it in the "Model
+    training" side bar: that is the link schedtune prints.
   * The runs table is an AG Grid with ARIA roles: ``role=row`` rows carrying ``aria-rowindex``
     (their order in the grid), ``role=gridcell`` cells; the run name is a link to
     ``#/experiments/<id>/runs/<run_id>``. The grid is flat (every row has
@@ -49,8 +54,9 @@ def _run_link(page, run_id: str):
 
 def assert_trials_nested_in_ui(page, uri: str, experiment_id: str, parent_run_id: str,
                                trials: dict[str, str], screenshot_dir) -> None:
-    """Open the experiment's runs table and check that the trials ({trial_id: run_id}) are shown
-    as children of the parent run:
+    """Open the page schedtune links to and check that it is the experiment's training runs (no view
+    switched: a fresh profile, no click on the GenAI / Model training toggle) and that the trials
+    ({trial_id: run_id}) are shown as children of the parent run:
 
     1. collapsed (the default): the parent row is there, with an expander, and none of the trial
        runs is rendered anywhere on the page, although they belong to the same experiment;
@@ -65,9 +71,15 @@ def assert_trials_nested_in_ui(page, uri: str, experiment_id: str, parent_run_id
     one level, which is how the UI displays ``mlflow.parentRunId`` nesting (a run that were not
     a child of this parent would be listed at top level whether the parent is expanded or not).
     """
+    from tuning.analysis.report import runs_page
+
     expect = sync_api.expect
-    page.goto(f"{uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+    page.goto(runs_page(uri, experiment_id))
     try:
+        # the training view: its "Runs" page, not the GenAI overview (whose side bar has "Sessions")
+        expect(page.get_by_role("heading", name="Runs", exact=True)).to_be_visible(timeout=LOAD_TIMEOUT_MS)
+        assert f"#/experiments/{experiment_id}/runs" in page.url and "overview" not in page.url
+        expect(page.get_by_text("Sessions", exact=True)).to_have_count(0)
         parent_link = _run_link(page, parent_run_id)
         expect(parent_link).to_be_visible(timeout=LOAD_TIMEOUT_MS)
         assert parent_link.inner_text().startswith("it-asha-")
@@ -114,10 +126,17 @@ def assert_trials_nested_in_ui(page, uri: str, experiment_id: str, parent_run_id
 
 
 def test_trial_runs_are_nested_under_the_parent_run_in_the_ui(experiment, mlflow_server, tmp_path):
-    _, result, _ = experiment
+    import mlflow
+
+    from tuning.analysis.report import runs_page, summary
+
+    spec, result, _ = experiment
     trials = {row.trial_id: row.run_id for row in result.rows}
     assert len(trials) == len(result.rows) and all(trials.values()), trials
     assert result.experiment_id and result.parent_run_id
+    exp = mlflow.MlflowClient(mlflow_server.uri).get_experiment(result.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"the trials in the UI: {runs_page(mlflow_server.uri, result.experiment_id)}" in summary(result, spec)
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

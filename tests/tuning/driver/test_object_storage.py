@@ -1,0 +1,163 @@
+"""Results, checkpoints and pretrained weights on an S3-compatible endpoint (moto's server, started
+here on a port of its own; tests/clusters.py), reached the way a user's cluster reaches S3: the AWS
+environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) on every Ray node and on the
+driver, and ``--storage s3://bucket/prefix``. Nothing of the experiment is written to local disk."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.clusters import RAY_OFF, running_s3
+from tests.conftest import ROOT
+from tuning.driver.cluster import LocalCluster
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
+
+BUCKET, NAME, EPOCHS = "schedtune", "it-s3", 3
+WEIGHTS = f"s3://{BUCKET}/weights/digits-mlp.pt"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with running_s3(BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def s3_cluster(s3):
+    """A private 2-CPU Ray cluster whose processes have the AWS environment (as a cluster's nodes
+    have their credentials): Tune's trial actors and Train's workers write to S3 themselves."""
+    with LocalCluster(num_cpus=2, env=RAY_OFF) as cluster:
+        yield cluster
+
+
+def test_s3_storage_is_probed_before_ray_starts(s3):
+    from tuning.driver.storage import PROBE, StorageError, latest_run_dir, resolve_storage
+
+    assert resolve_storage(f"s3://{BUCKET}/probe/") == f"s3://{BUCKET}/probe"
+    assert not [k for k in s3.keys(BUCKET, "probe/") if k.endswith(PROBE)]     # written, then deleted
+    missing = r"results storage s3://no-such-bucket/x is not writable \(Bucket 'no-such-bucket' not found"
+    with pytest.raises(StorageError, match=missing):
+        resolve_storage("s3://no-such-bucket/x")
+    assert latest_run_dir(f"s3://{BUCKET}/probe", "nothing") is None
+
+
+def _spec_file(tmp_path) -> str:
+    """Two trials, one at a time: a 2-worker Train run (its workers upload checkpoints) and a 1-worker
+    one (its Tune trial uploads them); both a linear probe on pretrained weights read from S3."""
+    doc = yaml.safe_load((ROOT / "search_spaces/quickstart.yaml").read_text())
+    doc["experiment"].update({"name": NAME, "num_samples": 1, "scheduler": {"name": "fifo"},
+                              "max_concurrent_trials": 1})
+    doc["train"].update({"epochs": EPOCHS, "schedule": {"name": "constant"}})
+    doc["train"]["model"].update({"pretrained": WEIGHTS, "transfer": "linear_probe"})
+    doc["train"]["optim"]["base_lr"] = 0.05
+    doc["space"] = {"scaling.num_workers": {"grid": [2, 1]}}
+    path = tmp_path / "s3.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def _put_pretrained_weights(s3) -> dict:
+    """A digits MLP's state_dict (seeded, untrained) uploaded to WEIGHTS; returns it."""
+    import io
+
+    import torch
+
+    from training.config import TrainConfig
+    from training.data import load_data
+    from training.models import build_model
+
+    cfg = TrainConfig.from_dict({"data": {"name": "digits", "val_fraction": 0.2, "seed": 0},
+                                 "model": {"name": "mlp", "hidden": [128]}})
+    data = load_data(cfg.data)
+    torch.manual_seed(1234)
+    state = build_model(cfg.model, data.num_classes, data.input_shape).state_dict()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    s3.client().put_object(Bucket=BUCKET, Key=WEIGHTS.split(f"{BUCKET}/", 1)[1], Body=buf.getvalue())
+    return state
+
+
+def _cmd(cluster, spec_file, uri, *extra):
+    return [sys.executable, "-m", "tuning.cli", "tune", spec_file, "--address", cluster.address,
+            "--storage", f"s3://{BUCKET}/results", "--tracking-uri", uri, *extra]
+
+
+def _trial_runs(client):
+    exp = client.get_experiment_by_name(NAME)
+    return client.search_runs([exp.experiment_id], "tags.`schedtune.trial_id` != ''") if exp else []
+
+
+def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path):
+    import mlflow
+    import pyarrow.fs as pafs
+    import torch
+
+    from training import checkpoint as ckpt
+
+    pretrained = _put_pretrained_weights(s3)
+    spec_file, uri = _spec_file(tmp_path), f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    proc = subprocess.Popen(_cmd(s3_cluster, spec_file, uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+    interrupted = False
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = _trial_runs(client) if (tmp_path / "mlflow.db").exists() else []
+            status = sorted(r.data.tags.get("schedtune.status", "") for r in runs)
+            if status == ["completed", "running"]:   # the first trial is done, the second has started
+                interrupted = True
+                break
+            time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate(timeout=60)[0]
+    assert interrupted, f"not interrupted between the trials:\n{out[-3000:]}"
+
+    keys = s3.keys(BUCKET, f"results/{NAME}/")
+    (run_dir,) = {k.split("/")[2] for k in keys} - {""}           # ("results/it-s3/": pyarrow's directory marker)
+    assert f"results/{NAME}/{run_dir}/tuner.pkl" in keys          # restorable from S3 alone
+    assert not (tmp_path / "schedtune_results").exists()
+
+    p = subprocess.run(_cmd(s3_cluster, spec_file, uri, "--resume"), capture_output=True, text=True, cwd=tmp_path,
+                       timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"results in s3://{BUCKET}/results/{NAME}/{run_dir}" in p.stdout   # the same run, continued
+
+    runs = _trial_runs(client)
+    assert len(runs) == 2 and {r.data.tags["schedtune.status"] for r in runs} == {"completed"}
+    by_workers = {int(r.data.params["scaling.num_workers"]): r for r in runs}
+    assert set(by_workers) == {1, 2}
+    for run in runs:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc"))
+        assert steps == list(range(1, EPOCHS + 1))                # every epoch once, across the kill
+
+    # Checkpoints on S3: the 2-worker trial's from Train's workers, the 1-worker trial's from Tune.
+    keys = s3.keys(BUCKET, f"results/{NAME}/{run_dir}/")
+    two, one = (by_workers[n].data.tags["schedtune.trial_id"] for n in (2, 1))
+    train_ckpts = sorted(k for k in keys if f"/train/train-{two}/" in k and k.endswith("/checkpoint.pt"))
+    tune_ckpts = sorted(k for k in keys if f"_{one}_" in k and k.endswith("/checkpoint.pt"))
+    assert train_ckpts and tune_ckpts, keys
+
+    # The pretrained weights were read from S3: a linear probe leaves the backbone as the file had it.
+    fs = pafs.S3FileSystem(endpoint_override=s3.url, access_key=s3.env["AWS_ACCESS_KEY_ID"],
+                           secret_key=s3.env["AWS_SECRET_ACCESS_KEY"], region="us-east-1")
+    for i, key in enumerate((train_ckpts[-1], tune_ckpts[-1])):
+        local = tmp_path / "ckpt" / str(i)
+        local.mkdir(parents=True)
+        pafs.copy_files(f"{BUCKET}/{key.rsplit('/', 1)[0]}", str(local), source_filesystem=fs)
+        model = ckpt.load(local)["model"]
+        backbone = [k for k in pretrained if not k.startswith("head.")]
+        assert backbone and all(torch.equal(model[k], pretrained[k]) for k in backbone), key
+        assert not torch.equal(model["head.weight"], pretrained["head.weight"])   # the head trained
+
+    for workers in (2, 1):   # the tracker found each trial's checkpoints on S3 and logged the best and the last
+        logged = {a.path for a in client.list_artifacts(by_workers[workers].info.run_id, "checkpoints")}
+        assert logged == {"checkpoints/best", "checkpoints/last"}, (f"the {workers}-worker trial",
+                                                                by_workers[workers].data.tags, p.stdout[-2000:])
