@@ -56,6 +56,22 @@ def error_summary(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:1000]
 
 
+def trial_error_line(trial) -> Optional[str]:
+    """``error_summary`` of a failed Tune trial's error: its error file, else what Tune kept of it."""
+    from pathlib import Path
+
+    error_file = getattr(trial, "error_file", None)
+    readers = (lambda: Path(error_file).read_text() if error_file else None, getattr(trial, "get_error", lambda: None))
+    for read in readers:
+        try:
+            text = read()
+        except Exception:   # not written yet, or on storage this process cannot read
+            text = None
+        if text:
+            return error_summary(text)
+    return None
+
+
 @dataclass
 class TrialRow:
     """One trial of a finished invocation, as the driver saw it."""

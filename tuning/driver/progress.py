@@ -7,13 +7,12 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Optional, TextIO
 
 from ray.tune import Callback
 
 from tuning.analysis.ranking import better, is_finite_number
-from tuning.analysis.results import end_state, error_summary
+from tuning.analysis.results import end_state, trial_error_line
 from tuning.spec import ExperimentSpec, total_trials
 
 # Tune's own terminal output, off the supported way. Its default reporter prints a "Configuration
@@ -153,7 +152,7 @@ class ProgressPrinter(Callback):
     def _ended(self, trials, trial, errored: bool) -> None:
         state = end_state(trial.last_result or {}, errored, self.spec.base.epochs, self.spec.options.scheduler.name)
         self.ended[trial.trial_id] = state
-        error = _error_line(trial) if errored else None
+        error = trial_error_line(trial) if errored else None
         self._line(trials, f"{trial.trial_id} {state}{': ' + error if error else ''}")
         if self._terminal() is not None:
             self._draw(trials)
@@ -170,16 +169,3 @@ class ProgressPrinter(Callback):
             term.write("\n")   # the last bar stays, the summary goes below it
             term.flush()
             self._bar_shown = False
-
-
-def _error_line(trial) -> Optional[str]:
-    """The line of a failed trial's error that says what went wrong (its own exception's message)."""
-    readers = (lambda: Path(trial.error_file).read_text() if trial.error_file else None, trial.get_error)
-    for read in readers:
-        try:
-            text = read()
-        except Exception:   # not written yet, or on storage this process cannot read
-            text = None
-        if text:
-            return error_summary(text)
-    return None

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
-from tuning.analysis.results import training_metrics
+from tuning.analysis.results import training_metrics, trial_error_line
 from tuning.spec import ExperimentSpec
 from tuning.tracking import schema
 from tuning.tracking.backend import experiment_id
@@ -300,7 +300,8 @@ class MLflowTracker(Callback):
             return done
         o, history, upload = self.spec.options, self._history.get(trial.trial_id, []), self.uploader.upload_counted
         last = self._last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}
-        tags = {**end_tags(last, errored, getattr(trial, "error_file", None), self.spec),
+        tags = {**end_tags(last, errored, getattr(trial, "error_file", None), self.spec,
+                           trial_error_line(trial) if errored else None),
                 **self.trial_tags.get(trial.trial_id, {})}
         found = find_checkpoints(self._trial_dir(trial)) + find_checkpoints(f"{self.train_storage}/train-{trial.trial_id}")
         logged = self._safe("log checkpoints", log_checkpoints, self.client, upload, run_id, trial.trial_id, found,

@@ -53,8 +53,9 @@ def best_metric(client, run_id: str, history: list[dict], metric: str, mode: str
     return [] if score is None else [_metric(best_metric_key(metric), score)]
 
 
-def end_tags(last: dict[str, Any], errored: bool, error_file: Optional[str], spec: ExperimentSpec) -> dict[str, str]:
-    """How a trial ended, as its run's tags: status, last epoch, where it diverged, its error file."""
+def end_tags(last: dict[str, Any], errored: bool, error_file: Optional[str], spec: ExperimentSpec,
+             error: Optional[str] = None) -> dict[str, str]:
+    """How a trial ended, as its run's tags: status, last epoch, where it diverged, its error and error file."""
     state = end_state(last, errored, spec.base.epochs, spec.options.scheduler.name)
     tags = {schema.STATUS: state, schema.END_EPOCH: str(int(last.get("epoch", 0)))}
     if last.get("diverged"):
@@ -62,6 +63,8 @@ def end_tags(last: dict[str, Any], errored: bool, error_file: Optional[str], spe
                      schema.DIVERGED_LR: f"{last['diverged_lr']:.6g}"})
     if errored and error_file:
         tags[schema.ERROR_FILE] = str(error_file)
+    if errored and error:
+        tags[schema.ERROR] = error
     return tags
 
 

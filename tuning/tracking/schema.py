@@ -35,6 +35,7 @@ END_EPOCH = "schedtune.end_epoch"
 DIVERGED_STEP = "schedtune.diverged_step"
 DIVERGED_LR = "schedtune.diverged_lr"
 ERROR_FILE = "schedtune.error_file"
+ERROR = "schedtune.error"   # a failed trial's error, the line that says what went wrong (the plug-in's own)
 DIAGNOSIS = "schedtune.diagnosis"
 DIAGNOSIS_EVIDENCE = "schedtune.diagnosis_evidence"
 MODEL_WEIGHTS = "schedtune.model_weights"        # raw | ema: which weights the trial's model is

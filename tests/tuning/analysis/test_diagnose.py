@@ -342,5 +342,4 @@ def test_the_tracker_tags_each_trial_with_its_diagnosis_and_logs_plots(tmp_path,
 def test_the_recipe_says_what_to_do_next_for_every_kind_but_healthy():
     from tuning.recipe.recipe import NEXT
 
-    # input_bound: not yet in tuning/recipe/recipe.py's NEXT (not this change's file; its advice says what to do)
-    assert set(NEXT) == set(KINDS) - {"healthy", "input_bound"}
+    assert set(NEXT) == set(KINDS) - {"healthy"}

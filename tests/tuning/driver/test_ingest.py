@@ -28,11 +28,15 @@ BASE = {"epochs": 1, "seed": 0, "model": {"name": "mlp", "hidden": [32]},
 
 @pytest.fixture(scope="module")
 def digits_parquet(tmp_path_factory):
-    """digits as Parquet, 3 files per split: ``id`` (the row of load_digits), ``pixels`` (64 values,
-    a fixed-size list), ``label``; the train/val split of training.data's digits (val_fraction 0.2, seed 0)."""
+    return write_digits_parquet(tmp_path_factory.mktemp("digits-parquet"))
+
+
+def write_digits_parquet(root: Path) -> dict:
+    """digits as Parquet under ``root``, 3 files per split: ``id`` (the row of load_digits), ``pixels``
+    (64 values, a fixed-size list), ``label``; the train/val split of training.data's digits
+    (val_fraction 0.2, seed 0). Returns the split directories and the ids of each split."""
     from sklearn.datasets import load_digits
 
-    root = tmp_path_factory.mktemp("digits-parquet")
     d = load_digits()
     train, val = split_indices(d.target, 0.2, 0)
     for split, idx in (("train", train), ("val", val)):

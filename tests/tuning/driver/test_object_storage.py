@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -161,3 +162,32 @@ def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path
         logged = {a.path for a in client.list_artifacts(by_workers[workers].info.run_id, "checkpoints")}
         assert logged == {"checkpoints/best", "checkpoints/last"}, (f"the {workers}-worker trial",
                                                                 by_workers[workers].data.tags, p.stdout[-2000:])
+
+
+def test_ray_data_streams_a_parquet_split_from_s3(s3, s3_cluster, tmp_path):
+    """``data.name: raydata`` with both splits on S3: Ray Data's tasks (on the cluster, with its AWS
+    environment) read them; one epoch has every training sample at most once, the validation split whole."""
+    import ray
+
+    from tests.tuning.driver.test_ingest import BATCH, _epoch_ids, cfg_with, ids_source, write_digits_parquet
+    from tuning.driver import ingest
+
+    files = write_digits_parquet(tmp_path)
+    for split in ("train", "val"):
+        for f in sorted(Path(files[split]).iterdir()):
+            s3.client().upload_file(str(f), BUCKET, f"digits/{split}/{f.name}")
+    data = ids_source(files)
+    data["source"].update(train=f"s3://{BUCKET}/digits/train", val=f"s3://{BUCKET}/digits/val")
+    cfg = cfg_with(data)
+    ray.init(address=s3_cluster.address, logging_level="ERROR", log_to_driver=False)
+    try:
+        streamed = ingest.build(cfg)
+        assert (streamed.facts.train_rows, streamed.facts.val_rows) == (len(files["train_ids"]), len(files["val_ids"]))
+        bundle = ingest.worker_data(cfg, streamed.facts, streamed.datasets["train"], streamed.datasets["val"], 0, None)
+        (ids,) = _epoch_ids(bundle, 1)
+        assert len(ids) == len(set(ids)) == len(files["train_ids"]) // BATCH * BATCH
+        assert set(ids) <= set(files["train_ids"].tolist())
+        val = [int(i) for x, _ in bundle.val.epoch_batches(0) for i in x[:, 0]]
+        assert sorted(val) == sorted(files["val_ids"].tolist())
+    finally:
+        ray.shutdown()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +148,7 @@ def test_tune_smoke_trains_the_users_model_and_data_a_failing_one_fails_alone_an
     ok, bad = by_width["6"], by_width["13"]
     assert ok.data.tags["schedtune.status"] == "completed" and ok.info.status == "FINISHED"
     assert bad.data.tags["schedtune.status"] == "failed" and bad.info.status == "FAILED"
+    assert bad.data.tags["schedtune.error"] == message   # the plug-in's own error, in its run too
     meta = best_meta(client, ok.info.run_id, tmp_path)
     assert meta["num_classes"] == 2 and meta["input_shape"] == [8]   # the user's dataset, not a registry one
     assert meta["config"]["model"]["args"] == {"width": 6}
