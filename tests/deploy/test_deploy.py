@@ -4,9 +4,9 @@ Every overlay must render with `kubectl kustomize`; its core objects must valida
 Kubernetes' own schemas (kubernetes-validate) and its KubeRay objects against the KubeRay v1.7 CRD
 schemas vendored in deploy/schemas/kuberay-v1.7.0/, made strict; the Ray objects, the shared volumes and the cpu
 overlay's object store must fit together. Commands in the image, the RayJob and deploy/README.md are
-checked in tests/deploy/test_deploy_commands.py; the security side (hardened containers,
-no secret values, the Secrets the README creates, NetworkPolicies, checkov) is
-tests/deploy/test_deploy_security.py.
+checked in tests/deploy/test_deploy_commands.py; the security side is in
+test_deploy_security.py (hardened containers, no secret values, the Secrets the README creates),
+test_deploy_tokens.py, test_deploy_images.py, test_deploy_network.py and test_deploy_checkov.py.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def test_raycluster_shape(overlay):
     cluster, job = one(docs, "RayCluster"), one(docs, "RayJob")
     spec = cluster["spec"]
     assert spec["rayVersion"] == pinned_ray_version()
-    assert spec["authOptions"]["mode"] == "token"   # its Secret: test_deploy_security.py
+    assert spec["authOptions"]["mode"] == "token"   # its Secret: test_deploy_tokens.py
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head must not train"
     assert spec["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}

@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from tests.deploy.test_deploy import DEPLOY, OVERLAYS, one, pod_specs, render
-from tests.deploy.test_deploy_security import containers_of, pod_labels, ray_cluster_specs, selects
+from tests.deploy.test_deploy_network import pod_labels, selects
+from tests.deploy.test_deploy_security import containers_of
+from tests.deploy.test_deploy_tokens import ray_cluster_specs
 
 
 def by_name(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -253,7 +255,7 @@ def test_a_failed_rayjob_keeps_its_cluster_for_its_logs(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_ray_metrics_can_be_scraped(overlay):
     """Every Ray pod exposes Ray's metrics port and says so to Prometheus's pod discovery
-    (test_deploy_security.py checks that the scraper namespaces are admitted to it)."""
+    (test_deploy_network.py checks that the scraper namespaces are admitted to it)."""
     for name, cluster in ray_cluster_specs(render(overlay)).items():
         templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
         for template in templates:
