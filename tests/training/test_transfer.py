@@ -83,8 +83,6 @@ def load_registered(model_uri: str, tracking_uri: str) -> dict:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A sqlite MLflow where experiment digits-base trained an MLP on digits and registered it: (uri, run id)."""
-    import mlflow
-
     from tuning.delivery.export import publish_model
 
     tmp = tmp_path_factory.mktemp("registry")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from tuning.analysis.diagnose import Diagnosis
@@ -58,8 +59,6 @@ def error_summary(error: BaseException) -> str:
 
 def trial_error_line(trial) -> Optional[str]:
     """``error_summary`` of a failed Tune trial's error: its error file, else what Tune kept of it."""
-    from pathlib import Path
-
     error_file = getattr(trial, "error_file", None)
     readers = (lambda: Path(error_file).read_text() if error_file else None, getattr(trial, "get_error", lambda: None))
     for read in readers:
