@@ -379,6 +379,7 @@ def _epochs(run: _Run, result: FitResult, start_epoch: int, best: Optional[dict]
             metrics.update(cooldown.run_fork(run, epoch + 1, *_world(), lambda b: _train_inputs(run, b),
                                              lambda m, x: _forward(run, m, x), lambda m: evaluate(m, run)))
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics["num_params"] = float(sum(p.numel() for p in run.core.parameters()))   # an objective: model size
         is_best = key in metrics and (best is None or _better(metrics[key], best[key], mode))
         if is_best:
             best = dict(metrics)

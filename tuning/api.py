@@ -78,8 +78,9 @@ def run(spec: Source, *, address: Optional[str] = None, storage: Optional[str] =
 
     The result's ``trials`` is a pandas DataFrame, one row per trial (best first): ``trial_id``,
     ``status`` (completed / stopped by ASHA at epoch N / diverged / failed), ``epochs``,
-    ``best_<metric>``, ``diagnosis``, ``error``, ``run_id`` (MLflow), and one column per space key
-    with the trial's sampled value.
+    ``best_<metric>`` (with several ``metrics``: each other objective at that epoch, and ``on_front``;
+    with ``repeats``: ``seed``, ``mean_<metric>`` and ``std_<metric>`` of its config), ``diagnosis``,
+    ``error``, ``run_id`` (MLflow), and one column per space key with the trial's sampled value.
     """
     from tuning.driver.experiment import run_experiment
     from tuning.spec import ExperimentSpec
@@ -95,14 +96,25 @@ def result_of(spec: "ExperimentSpec", result: "ExperimentResult") -> RunResult:
     """An ExperimentResult (the driver's) as the API's RunResult."""
     import pandas as pd
 
-    metric = f"best_{spec.options.metric}"
+    from tuning.spec.options import REPEAT_INDEX
+
+    o = spec.options
+    metric = f"best_{o.metric}"
+    others = [m.name for m in o.objectives[1:]]
     rows = [{"trial_id": r.trial_id, "status": r.status, "epochs": r.epochs, metric: r.metric,
+             **{n: (r.objectives or {}).get(n) for n in others}, **({"on_front": r.on_front} if others else {}),
+             **({"seed": spec.base.seed + (r.repeat or 0), f"mean_{o.metric}": r.group[0] if r.group else None,
+                 f"std_{o.metric}": r.group[1] if r.group else None} if o.repeats > 1 else {}),
              "diagnosis": r.diagnosis, "error": r.error, "run_id": r.run_id, **spec.decode(r.params)}
             for r in result.rows]
-    columns = ["trial_id", "status", "epochs", metric, "diagnosis", "error", "run_id", *spec.space]
+    columns = ["trial_id", "status", "epochs", metric, *others, *(["on_front"] if others else []),
+               *(["seed", f"mean_{o.metric}", f"std_{o.metric}"] if o.repeats > 1 else []),
+               "diagnosis", "error", "run_id", *spec.space]
     best = result.best
+    best_sample = ({**best.params, **({REPEAT_INDEX: best.repeat} if best.repeat is not None else {})}
+                   if best else None)   # a repeat's own seed
     return RunResult(
-        name=result.name, best_config=spec.trial_config(best.params).to_dict() if best else None,
+        name=result.name, best_config=spec.trial_config(best_sample).to_dict() if best else None,
         best_params=spec.decode(best.params) if best else None, best_metric=best.metric if best else None,
         best_trial_id=best.trial_id if best else None, best_run_id=best.run_id if best else None,
         best_checkpoint=best_checkpoint(result.path, best.trial_id, spec) if best else None,

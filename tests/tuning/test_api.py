@@ -113,6 +113,29 @@ def test_the_result_has_a_row_per_trial_the_best_config_and_its_best_checkpoint(
     assert (none.best_metric, none.best_config, none.best_checkpoint, none.ok) == (None, None, None, False)
 
 
+def test_repeats_and_objectives_are_columns_and_the_best_config_has_its_repeats_seed(tmp_path):
+    from tuning.api import result_of
+
+    spec = tuning.load_spec(QUICKSTART, [*SMOKE, "experiment.repeats=2", "train.seed=10"])
+    sched = {"name": "cosine"}
+    rows = [TrialRow("t1", "completed", 2, 0.91, {"optim.base_lr": 0.1, "schedule": sched}, "r1", repeat=1,
+                     group=(0.9, 0.0141, 2)),
+            TrialRow("t0", "completed", 2, 0.89, {"optim.base_lr": 0.1, "schedule": sched}, "r0", repeat=0,
+                     group=(0.9, 0.0141, 2))]
+    result = result_of(spec, ExperimentResult("x", str(tmp_path), rows, "sqlite:///x.db"))
+    assert result.best_config["seed"] == 11                                   # t1 is repeat 1: train.seed + 1
+    df = result.trials
+    assert df[["seed", "mean_val_acc", "std_val_acc"]].values.tolist() == [[11, 0.9, 0.0141], [10, 0.9, 0.0141]]
+    multi = tuning.load_spec(QUICKSTART, [*SMOKE, "experiment.metrics=[{name: val_acc, mode: max}, "
+                                                  "{name: epoch_time_s, mode: min}]"])
+    rows = [TrialRow("a", "completed", 2, 0.9, {"optim.base_lr": 0.1, "schedule": sched}, "ra",
+                     objectives={"val_acc": 0.9, "epoch_time_s": 2.0}, on_front=True),
+            TrialRow("b", "failed", 0, None, {"optim.base_lr": 0.3, "schedule": sched}, "rb")]
+    df = result_of(multi, ExperimentResult("x", str(tmp_path), rows, "sqlite:///x.db")).trials
+    assert list(df.columns[:6]) == ["trial_id", "status", "epochs", "best_val_acc", "epoch_time_s", "on_front"]
+    assert df["epoch_time_s"].tolist()[0] == 2.0 and df["on_front"].tolist() == [True, False]
+
+
 # ----------------------------------------------------------------------------- the README, run as written
 
 

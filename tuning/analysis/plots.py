@@ -3,7 +3,8 @@
 Per run (from ``fit``'s history and trace): the loss per step as a scatter with a moving average,
 train and val accuracy per epoch, the LR schedule actually applied, the update/weight ratio per
 layer over time. Per experiment: the metric of every trial against each sampled hyperparameter
-(log axes for log-uniform ones) and the best-so-far curve. The recipe adds the LR sweep.
+(log axes for log-uniform ones) and the best-so-far curve; a multi-objective one its Pareto front.
+The recipe adds the LR sweep.
 
 ``*_figure`` functions build a Figure (tests count its series); ``run_plots`` / ``experiment_plots``
 write the PNGs and return their paths (``schedtune report`` writes them for a run read back from MLflow).
@@ -163,6 +164,25 @@ def experiment_plots(out_dir: str | Path, samples: Sequence[Mapping[str, Any]], 
     out = Path(out_dir)
     return [save(hyperparameter_figure(samples, metrics, space, metric), out / "hyperparameters.png"),
             save(best_so_far_figure(metrics, mode, metric), out / "best_so_far.png")]
+
+
+# ----------------------------------------------------------------------------- multi-objective
+
+def pareto_figure(points: Sequence[Mapping[str, float]], on_front: Sequence[bool], names: Sequence[str]):
+    """The first objective against each other one (a panel each): every trial's point, the front's
+    marked (``points``: {objective: value} per trial; tuning.analysis.pareto)."""
+    others = list(names[1:]) or list(names)
+    fig, axes = _figure(len(others), width=5.0)
+    for ax, other in zip(axes, others):
+        for member, color, label in ((False, "C0", "dominated"), (True, "C3", "Pareto front")):
+            pts = [(p[other], p[names[0]]) for p, f in zip(points, on_front) if f == member]
+            if pts:
+                ax.scatter([x for x, _ in pts], [y for _, y in pts], color=color, label=label,
+                           marker="*" if member else "o", s=90 if member else 30)
+        ax.set(xlabel=other, ylabel=names[0])
+        ax.legend()
+    fig.suptitle(f"Pareto front over {', '.join(names)} (at each trial's best epoch by {names[0]})")
+    return fig
 
 
 # ----------------------------------------------------------------------------- the large-batch k-sweep

@@ -47,3 +47,28 @@ def rank(items: Sequence[T], score: Callable[[T], Optional[float]], mode: str) -
     """``items`` best first by ``score``; those without a score last, in their given order."""
     sign = -1.0 if mode == "max" else 1.0
     return sorted(items, key=lambda item: (score(item) is None, sign * (score(item) or 0.0)))
+
+
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for one value) of ``values``."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def rank_by_mean(items: Sequence[T], group: Callable[[T], object], score: Callable[[T], Optional[float]],
+                 mode: str) -> tuple[list[T], dict[object, tuple[float, float, int]]]:
+    """``items`` grouped by ``group`` (a config's repeats), the groups best first by the mean of their
+    members' scores, each group's members best first: (the items in that order, {group: (mean, std,
+    members with a score)}). A group without a scored member ranks last; so does an unscored member."""
+    members: dict[object, list[T]] = {}
+    for item in items:
+        members.setdefault(group(item), []).append(item)
+    stats = {}
+    for key, its in members.items():
+        scores = [s for s in (score(i) for i in its) if s is not None]
+        if scores:
+            mean, std = mean_and_std(scores)
+            stats[key] = (mean, std, len(scores))
+    order = rank(list(members), lambda key: stats[key][0] if key in stats else None, mode)
+    return [item for key in order for item in rank(members[key], score, mode)], stats

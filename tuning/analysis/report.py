@@ -32,19 +32,30 @@ def _cost(cost) -> str:
 
 
 def results_table(result: ExperimentResult, spec: ExperimentSpec) -> str:
-    """Markdown table of every trial, best first: id, how it ended, epochs, metric, the diagnosis of
+    """Markdown table of every trial, best first: id, how it ended, epochs, metric (with several
+    ``metrics``: the others at its best epoch and whether it is on the Pareto front; with ``repeats``:
+    its seed and its config's mean ± std over the repeats, by which configs rank), the diagnosis of
     its learning curves (tuning.analysis.diagnose), its data wait (the mean fraction of its step
     loop's time spent waiting for batches), its worker-seconds, sampled values; then what ended the
     experiment and what it cost."""
     keys = list(spec.space)
-    metric = spec.options.metric
-    head = ["trial", "status", "epochs", metric, "diagnosis", "data wait", "worker-s"] + keys
+    o = spec.options
+    metric = o.metric
+    others = [m.name for m in o.objectives[1:]]   # multi-objective: each at the trial's best epoch, and the front
+    repeats = o.repeats > 1                      # each repeat's seed, and its config's mean over the repeats
+    head = (["trial", "status", "epochs", metric] + others + (["front"] if others else [])
+            + (["seed", f"mean {metric} ± std (n)"] if repeats else []) + ["diagnosis", "data wait", "worker-s"] + keys)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result.rows:
         cells = [r.trial_id + (" (best)" if result.best is r else ""), r.status, str(r.epochs),
-                 "-" if r.metric is None else f"{r.metric:.4f}", r.diagnosis or "-",
-                 "-" if r.data_wait is None else f"{r.data_wait:.0%}",
-                 f"{r.cost['worker_seconds']:.0f}" if r.cost else "-"]
+                 "-" if r.metric is None else f"{r.metric:.4f}"]
+        cells += [f"{r.objectives[n]:.4g}" if r.objectives else "-" for n in others]
+        cells += (["yes" if r.on_front else ""] if others else [])
+        if repeats:
+            cells += [str(spec.base.seed + (r.repeat or 0)),
+                      f"{r.group[0]:.4f} ± {r.group[1]:.4f} ({r.group[2]})" if r.group else "-"]
+        cells += [r.diagnosis or "-", "-" if r.data_wait is None else f"{r.data_wait:.0%}",
+                  f"{r.cost['worker_seconds']:.0f}" if r.cost else "-"]
         sample = spec.decode(r.params)
         cells += [_fmt(sample.get(k, "-")) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -64,7 +75,13 @@ def summary(result: ExperimentResult, spec: ExperimentSpec) -> str:
     if best is None:
         out.append("no trial finished with a valid metric (see the status column)")
     else:
-        out.append(f"best: trial {best.trial_id}, {spec.options.metric} {best.metric:.4f}; sampled:")
+        if best.group is not None:
+            mean, std, n = best.group
+            out.append(f"best config by the mean over its repeats: {spec.options.metric} {mean:.4f} ± {std:.4f} "
+                       f"({n} of {spec.options.repeats} repeats); its best repeat is trial {best.trial_id} "
+                       f"({best.metric:.4f}, seed {spec.base.seed + (best.repeat or 0)}); sampled:")
+        else:
+            out.append(f"best: trial {best.trial_id}, {spec.options.metric} {best.metric:.4f}; sampled:")
         out += [f"  {k}: {_fmt(v)}" for k, v in spec.decode(best.params).items()]
         if result.model_version:
             crowned = ("alias champion" if result.champion == result.model_version
@@ -72,6 +89,10 @@ def summary(result: ExperimentResult, spec: ExperimentSpec) -> str:
             out.append(f"registered model: {spec.options.name} version {result.model_version} ({crowned}); serve "
                        f"it: MLFLOW_TRACKING_URI={result.tracking_uri} mlflow models serve -m "
                        f"models:/{spec.options.name}@champion --env-manager local")
+    if spec.options.multi_objective:
+        members = [r.trial_id for r in result.rows if r.on_front]
+        out.append(f"Pareto front over {', '.join(m.name for m in spec.options.objectives)}: {len(members)} trials "
+                   f"({', '.join(members) or 'none'}); pareto_front.md and plots/pareto_front.png on the parent run")
     out.append(f"MLflow: experiment {spec.options.name!r} (id {result.experiment_id}), parent run "
                f"{result.parent_run_id}, tracking URI {result.tracking_uri}")
     if result.tracking_uri.startswith("sqlite:///"):

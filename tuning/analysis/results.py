@@ -84,6 +84,10 @@ class TrialRow:
     diagnosis: Optional[str] = None   # tuning.analysis.diagnose kind of its learning curves
     cost: Optional[dict[str, float]] = None   # worker_seconds, cpu_hours, gpu_hours (tuning.driver.cost)
     data_wait: Optional[float] = None   # mean data_wait_fraction of its epochs (tuning.analysis.data_wait)
+    repeat: Optional[int] = None        # experiment.repeats: which repeat of its config (its seed: train.seed + it)
+    group: Optional[tuple[float, float, int]] = None   # repeats: its config's (mean, std, repeats with a score)
+    objectives: Optional[dict[str, float]] = None      # experiment.metrics: its point (tuning.analysis.pareto)
+    on_front: bool = False                             # experiment.metrics: on the Pareto front
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``schedtune runs NAME``: an experiment's trials as MLflow has them, best first."""
+"""``schedtune runs NAME``: an experiment's trials as MLflow has them, best first (the Pareto front's
+members of a multi-objective experiment marked ``*``)."""
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,13 @@ def print_runs(name: str, tracking_uri=None, out=print) -> int:
         print(f"schedtune runs: no schedtune experiment named {name!r} at {uri}", file=sys.stderr)
         return 2
     metric, mode = experiment_metric(parent)
-    out(f"{name}: run {parent.info.run_id} ({parent.info.status}), {len(children)} trials, metric {metric}")
-    out(f"{'trial':<18} {'status':<32} {'best ' + metric:>14}  run id")
+    front = [r for r in children if r.data.tags.get(schema.PARETO_FRONT) == "true"]
+    out(f"{name}: run {parent.info.run_id} ({parent.info.status}), {len(children)} trials, metric {metric}"
+        + (f", {len(front)} on the Pareto front (*)" if front else ""))
+    out(f"{'trial':<18} {'status':<32} {'best ' + metric:>14}  {'front  ' if front else ''}run id")
     for run, v in ranked_runs(client_for(uri), children, metric, mode):
         tags = run.data.tags
+        mark = ("  *    " if tags.get(schema.PARETO_FRONT) == "true" else "       ") if front else ""
         out(f"{tags.get(schema.TRIAL_ID, '?'):<18} {tags.get(schema.STATUS, '?'):<32} "
-            f"{'-' if v is None else f'{v:.4f}':>14}  {run.info.run_id}")
+            f"{'-' if v is None else f'{v:.4f}':>14}  {mark}{run.info.run_id}")
     return 0

@@ -7,6 +7,7 @@ trial is in tuning.driver.trial.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tuning.analysis.data_wait import data_wait
-from tuning.analysis.ranking import rank, trial_score
+from tuning.analysis.pareto import front, point_at_best_epoch
+from tuning.analysis.ranking import BROKEN_STATUSES, rank, rank_by_mean, trial_score
 from tuning.analysis.results import ExperimentResult, TrialRow, end_state, error_summary
-from tuning.driver.search import searcher, to_tune
+from tuning.driver.search import searcher, to_tune, tune_num_samples
 from tuning.driver.sizing import max_concurrent, trial_resources
 from tuning.driver.storage import latest_run_dir, resolve_storage
 from tuning.spec import ExperimentSpec, total_trials
-from tuning.spec.options import check_against_space
+from tuning.spec.options import REPEAT_INDEX
 
 
 IF_PRESENT = "if-present"   # resume=IF_PRESENT: continue the latest run when there is one, else start one
@@ -60,7 +62,6 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking(uri)
     check_pretrained_models(spec, uri)
-    check_against_space(spec.file, spec.options, spec.space)
     storage = resolve_storage(storage)
     name = spec.options.name
     run_dir = latest_run_dir(storage, name) if resume else None
@@ -69,6 +70,13 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
     resume = run_dir is not None
     if run_dir is None:
         run_dir = f"{storage}/{name}/{time.strftime('%Y%m%d-%H%M%S')}"
+    from tuning.tracking.warm_start import load_warm_start
+
+    warm = None if resume else load_warm_start(spec, uri)   # a resumed search has its points already
+    if warm is not None:
+        out(warm.describe())
+        for line in warm.dropped:
+            out(f"warm start: left out {line}")
     cluster = None
     import ray
 
@@ -98,7 +106,7 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
             ray.init(address=address, runtime_env=trial_runtime_env(spec.code_dir), log_to_driver=False,
                      logging_level="ERROR", configure_logging=True)
             return _tune(spec, storage, run_dir, uri, resume, local=cluster is not None, out=out, points=points,
-                         register_model=register_model)
+                         register_model=register_model, warm=warm)
         finally:
             if ray.is_initialized():
                 ray.shutdown()
@@ -108,7 +116,7 @@ def run_experiment(spec: ExperimentSpec, *, storage: Optional[str] = None, track
 
 def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bool, local: bool,
           out: Callable[[str], None], points: Optional[list[dict]] = None,
-          register_model: bool = True) -> ExperimentResult:
+          register_model: bool = True, warm=None) -> ExperimentResult:
     import ray
     from ray import tune
 
@@ -148,8 +156,8 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
         scheduler, scheduler_callbacks = make_scheduler(spec, limit, on_perturbation=tracker.add_trial_tags)
         tuner = tune.Tuner(
             trainable, param_space=to_tune(spec),
-            tune_config=tune.TuneConfig(metric=o.metric, mode=o.mode, num_samples=o.num_samples,
-                                        search_alg=searcher(spec, limit, points), scheduler=scheduler),
+            tune_config=tune.TuneConfig(metric=o.metric, mode=o.mode, num_samples=tune_num_samples(spec),
+                                        search_alg=searcher(spec, limit, points, warm), scheduler=scheduler),
             run_config=tune.RunConfig(
                 name=Path(run_dir).name, storage_path=str(Path(run_dir).parent) if "://" not in run_dir
                 else run_dir.rsplit("/", 1)[0], stop=completion, verbose=0,
@@ -164,6 +172,10 @@ def _tune(spec: ExperimentSpec, storage: str, run_dir: str, uri: str, resume: bo
     completion = Completion.for_run_dir(run_dir) or completion
     rows = _rows(spec, grid, tracker, completion)
     tracker.log_experiment_plots(rows)
+    if o.multi_objective:
+        from tuning.tracking.front_files import log_front
+
+        log_front(tracker, spec, rows)
     result = ExperimentResult(o.name, run_dir, rows, uri, tracker.experiment_id, tracker.parent_run_id,
                               ended_by=completion.ended_by, cost=completion.meter.spent())
     tracker.tag_parent(experiment_tags(result))
@@ -199,10 +211,27 @@ def _rows(spec: ExperimentSpec, grid, tracker, completion) -> list[TrialRow]:
         if status.startswith("stopped") and trial_id in completion.cut:
             status = completion.cut[trial_id]   # running when a completion criterion ended the experiment
         params = {k: v for k, v in (r.config or {}).items() if k in spec.space}
+        records = history.to_dict("records") if history is not None else []
         rows.append(TrialRow(trial_id, status, int(last.get("epoch", 0)), trial_score(values, status, o.mode), params,
                              tracker.run_id(trial_id), error_summary(r.error) if r.error else None,
                              _diagnosis(tracker, trial_id, history), cost=completion.meter.trial_cost(trial_id),
-                             data_wait=data_wait(history.to_dict("records")) if history is not None else None))
+                             data_wait=data_wait(records) if history is not None else None,
+                             repeat=(r.config or {}).get(REPEAT_INDEX)))
+        if o.multi_objective and status not in BROKEN_STATUSES:
+            rows[-1].objectives = point_at_best_epoch(records, [m.name for m in o.objectives],
+                                                      [m.mode for m in o.objectives])
+    if o.multi_objective:
+        for row, on in zip(rows, front([list(r.objectives.values()) if r.objectives else None for r in rows],
+                                       [m.mode for m in o.objectives])):
+            row.on_front = on
+    if o.repeats > 1:   # noise-aware: configs rank by the mean over their repeats
+        def config_of(row: TrialRow) -> str:
+            return json.dumps(spec.decode(row.params), sort_keys=True, default=str)
+
+        rows, groups = rank_by_mean(rows, config_of, lambda row: row.metric, o.mode)
+        for row in rows:
+            row.group = groups.get(config_of(row))
+        return rows
     return rank(rows, lambda row: row.metric, o.mode)
 
 

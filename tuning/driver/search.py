@@ -1,5 +1,6 @@
 """The search: the Tune param space of a spec, the search algorithm it names (random, grid,
-Optuna TPE), and ``FixedSamples``, a searcher that runs exactly the given samples, in order.
+Optuna TPE or NSGA-II over one or several objectives; ``experiment.repeats`` of each config; a
+warm start's first points), and ``FixedSamples``, a searcher that runs exactly the given samples, in order.
 
 The recipe's refine step retrains the coarse search's top-k configs: k joint samples of several
 keys, which neither a grid (it would cross the keys) nor random sampling can express. Each sample
@@ -10,11 +11,15 @@ from __future__ import annotations
 
 import copy
 import pickle
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, Repeater, Searcher
 
 from tuning.spec import ExperimentSpec
+from tuning.spec.options import REPEAT_INDEX
+
+if TYPE_CHECKING:
+    from tuning.tracking.warm_start import WarmStart
 
 
 PAUSING_SCHEDULERS = ("pbt", "hyperband")   # they pause trials and hold all but `limit` of them
@@ -54,30 +59,97 @@ class FixedSamples(Searcher):
             self.set_state(pickle.load(f))
 
 
-def searcher(spec: ExperimentSpec, limit: int, points: Optional[list[dict]] = None):
+class _SavesItsOwnState:
+    """A searcher wrapper (Tune's Repeater, ConcurrencyLimiter) that keeps its own state across
+    ``--resume``: Ray's save only the searcher they wrap, so a restored Repeater fails on the first
+    repeat that ends (its group is unknown) and a restored ConcurrencyLimiter drops the results of
+    the trials that were running (they are not among its live trials): the searcher never hears them."""
+
+    def save(self, checkpoint_path: str) -> None:
+        self.searcher.save(checkpoint_path)
+        with open(checkpoint_path, "rb") as f:
+            inner = f.read()
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"searcher": inner, "wrapper": self.get_state()}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        with open(checkpoint_path + ".searcher", "wb") as f:
+            f.write(state["searcher"])
+        self.searcher.restore(checkpoint_path + ".searcher")
+        self.set_state(state["wrapper"])
+
+
+class ResumableRepeater(_SavesItsOwnState, Repeater):
+    """Repeats of each suggestion (``experiment.repeats``), their mean told to the searcher."""
+
+
+class ResumableLimiter(_SavesItsOwnState, ConcurrencyLimiter):
+    """At most ``max_concurrent`` trials of the searcher at once."""
+
+
+def optuna_search(spec: ExperimentSpec, warm: Optional["WarmStart"] = None):
+    """OptunaSearch with the spec's sampler (TPE, or NSGA-II with its population), objectives and seed;
+    ``warm``: an earlier experiment's trials, told to the study as already evaluated (not rerun)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tuning.spec.checks import nsga2_population
+
+    o = spec.options
+    sampler = (optuna.samplers.NSGAIISampler(population_size=nsga2_population(o.num_samples), seed=o.seed)
+               if o.search == "optuna_nsga2" else optuna.samplers.TPESampler(seed=o.seed))
+    names, modes = [m.name for m in o.objectives], [m.mode for m in o.objectives]
+    warm_args = {"points_to_evaluate": warm.points, "evaluated_rewards": warm.rewards} if warm else {}
+    if len(names) == 1:
+        return OptunaSearch(metric=names[0], mode=modes[0], sampler=sampler, **warm_args)
+
+    class MultiObjectiveOptuna(OptunaSearch):
+        """Tune hands every searcher the TuneConfig's one metric (the first objective, which the
+        scheduler needs); this one keeps its list."""
+
+        def set_search_properties(self, metric, mode, config, **spec_):
+            return super().set_search_properties(None, None, config, **spec_)
+
+    return MultiObjectiveOptuna(metric=names, mode=modes, sampler=sampler, **warm_args)
+
+
+def searcher(spec: ExperimentSpec, limit: int, points: Optional[list[dict]] = None,
+             warm: Optional["WarmStart"] = None):
     """The search algorithm, holding at most ``limit`` trials at once. (Tune applies
     TuneConfig.max_concurrent_trials only to Searchers it wraps, and silently ignores it for a
     BasicVariantGenerator passed in: the limit must be set on the generator itself.)
-    ``points``: run exactly these samples instead of searching (the recipe's refine step)."""
+    ``points``: run exactly these samples instead of searching (the recipe's refine step).
+    ``warm``: an earlier experiment's best trials (tuning.tracking.warm_start): Optuna is told their
+    results, random search runs their configs first. ``experiment.repeats``: Optuna's suggestions are
+    repeated by Tune's Repeater (which tells Optuna each config's mean), a random or grid search
+    crosses its samples with a grid over the repeat index (to_tune), holding each sample's values."""
     o = spec.options
     if points:
-        from ray.tune.search import ConcurrencyLimiter
-
-        return ConcurrencyLimiter(FixedSamples(points, metric=o.metric, mode=o.mode), max_concurrent=limit)
-    if o.search == "optuna_tpe":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
-        optuna = OptunaSearch(metric=o.metric, mode=o.mode, seed=o.seed)
-        if o.scheduler.name in PAUSING_SCHEDULERS:   # TPE + HyperBand: the BOHB-like pair
-            return optuna
-        return ConcurrencyLimiter(optuna, max_concurrent=limit)
+        return ResumableLimiter(FixedSamples(points, metric=o.metric, mode=o.mode), max_concurrent=limit)
+    pausing = o.scheduler.name in PAUSING_SCHEDULERS
+    if o.search.startswith("optuna"):
+        search = optuna_search(spec, warm)
+        if o.repeats > 1:
+            search = ResumableRepeater(search, repeat=o.repeats, set_index=True)
+        if pausing:   # TPE + HyperBand: the BOHB-like pair
+            return search
+        return ResumableLimiter(search, max_concurrent=limit)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Schedulers that pause trials get every trial at once (max_concurrent 0: no limit) and run `limit`
     # of them (tuning.driver.trial_schedulers.RunningLimit): a paused trial counts against this limit.
-    pausing = o.scheduler.name in PAUSING_SCHEDULERS
-    return BasicVariantGenerator(random_state=o.seed, max_concurrent=0 if pausing else limit)
+    return BasicVariantGenerator(random_state=o.seed, max_concurrent=0 if pausing else limit,
+                                 points_to_evaluate=warm.points if warm else None,
+                                 constant_grid_search=o.repeats > 1)
+
+
+def tune_num_samples(spec: ExperimentSpec) -> int:
+    """TuneConfig.num_samples: a searcher's suggestions times the Repeater's repeats (Tune counts
+    the repeats as samples); a grid's points, the repeat index's included, are not counted."""
+    o = spec.options
+    return o.num_samples * (o.repeats if o.search.startswith("optuna") else 1)
 
 
 def to_tune(spec: ExperimentSpec) -> dict[str, Any]:
@@ -85,6 +157,9 @@ def to_tune(spec: ExperimentSpec) -> dict[str, Any]:
     from ray import tune
 
     out: dict[str, Any] = {}
+    o = spec.options
+    if o.repeats > 1 and not o.search.startswith("optuna"):   # Optuna's repeats: the Repeater's index
+        out[REPEAT_INDEX] = tune.grid_search(list(range(o.repeats)))
     for key, d in spec.space.items():
         if d.kind == "loguniform":
             out[key] = tune.loguniform(*d.args)

@@ -53,6 +53,14 @@ MAX_COMBINATIONS = 512
 PEAK_LR_BOUND = {"sgd": 3.2, "adamw": 1.0, "lamb": 1.0}
 # Optuna's TPESampler (OptunaSearch's default) samples its first n_startup_trials at random.
 TPE_STARTUP_TRIALS = 10
+# NSGA-II's population (Optuna's default is 50, more trials than most searches run): a quarter of
+# the samples, so that a search has about four generations, between these bounds.
+NSGA2_MIN_POPULATION, NSGA2_MAX_POPULATION = 4, 50
+
+
+def nsga2_population(num_samples: int) -> int:
+    """The population of ``search: optuna_nsga2`` (Optuna's NSGAIISampler population_size)."""
+    return max(NSGA2_MIN_POPULATION, min(NSGA2_MAX_POPULATION, num_samples // 4))
 
 
 def check_spec(spec, trials: int) -> list[SpaceWarning]:
@@ -155,7 +163,10 @@ def _metrics(c: _Configs, trials: int) -> list[SpaceWarning]:
     """experiment.metric at every epoch of every trial (Tune fails a trial whose result lacks it);
     checkpoint.metric too (else no best checkpoint); each mode the metric's own direction."""
     o, ck = c.o, c.base.checkpoint
-    for metric, key in ((o.metric, "experiment.metric"), (ck.metric, "train.checkpoint.metric")):
+    objectives = [(m.name, m.mode, f"experiment.metrics[{i}]" if o.metrics else "experiment")
+                  for i, m in enumerate(o.objectives)]
+    named = [(name, f"{where}.{'name' if o.metrics else 'metric'}") for name, _, where in objectives]
+    for metric, key in (*named, (ck.metric, "train.checkpoint.metric")):
         for a, cfg in c.each("regularization.ema_decay", "schedule.name", "checkpoint.metric"):
             every, last = facts.reported(cfg)
             if metric in every:
@@ -175,7 +186,7 @@ def _metrics(c: _Configs, trials: int) -> list[SpaceWarning]:
             raise SpaceError(c.file, key, metric, f"a metric the training loop reports every epoch: one of "
                              f"{', '.join(facts.EVERY_EPOCH)}; ema_* with regularization.ema_decay > 0"
                              + (f" (did you mean {near[0]!r}?)" if near else ""))
-    for metric, mode, key in ((o.metric, o.mode, "experiment.mode"), (ck.metric, ck.mode, "train.checkpoint.mode")):
+    for metric, mode, key in (*((n, m, f"{w}.mode") for n, m, w in objectives), (ck.metric, ck.mode, "train.checkpoint.mode")):
         best = facts.direction(metric)
         if best is not None and mode != best:
             kind = "a loss or a cost: lower is better" if best == "min" else "an accuracy or a rate: higher is better"
@@ -290,6 +301,7 @@ def _budget(c: _Configs, trials: int) -> list[SpaceWarning]:
     """Trials that can only repeat a config; a TPE search too short to leave its random start."""
     out = []
     distinct = math.prod(_distinct(c, k) for k in c.spec.space)
+    trials //= c.o.repeats   # a config's repeats differ by their seed: meant
     if trials > distinct:
         out += c.warn("experiment.num_samples", f"{c.o.num_samples} gives {trials} trials over at most {distinct} "
                       f"different config{'s' if distinct > 1 else ''}: {trials - distinct} repeat one (with the "
@@ -299,6 +311,10 @@ def _budget(c: _Configs, trials: int) -> list[SpaceWarning]:
         out += c.warn("experiment.search", f"optuna_tpe with num_samples {c.o.num_samples}: TPE samples its first "
                       f"{TPE_STARTUP_TRIALS} trials at random (Optuna's n_startup_trials), so this is a random search; "
                       f"more than {TPE_STARTUP_TRIALS} samples let TPE model the results")
+    if c.o.search == "optuna_nsga2" and c.o.num_samples < 2 * NSGA2_MIN_POPULATION:
+        out += c.warn("experiment.search", f"optuna_nsga2 with num_samples {c.o.num_samples}: NSGA-II's first "
+                      f"generation ({nsga2_population(c.o.num_samples)} trials) is sampled at random, so fewer than "
+                      f"{2 * NSGA2_MIN_POPULATION} samples leave no generation bred from the front")
     return out
 
 

@@ -20,7 +20,8 @@ TRAIN_METRICS = ("train_loss", "train_acc", "lr", "grad_norm", "update_ratio")  
 COST_METRICS = ("samples_per_s", "samples_per_s_total", "data_wait_fraction", "step_time_s",
                 "peak_memory_mb")                                              # training.measure.epoch_figures
 VAL_METRICS = ("val_loss", "val_acc")                                          # evaluate
-EVERY_EPOCH = ("epoch", "step", *TRAIN_METRICS, *COST_METRICS, *VAL_METRICS, "epoch_time_s")
+EVERY_EPOCH = ("epoch", "step", *TRAIN_METRICS, *COST_METRICS, *VAL_METRICS, "epoch_time_s",
+               "num_params")   # the model's parameters (every one, trainable or frozen): a size objective
 EMA_METRICS = tuple(f"ema_{k}" for k in VAL_METRICS)          # every epoch when regularization.ema_decay > 0
 SNAPSHOT_METRICS = tuple(f"snapshot_ensemble_{k}" for k in VAL_METRICS) + ("snapshot_ensemble_size",)
 # ... at the last epoch only, with schedule.name cyclic_cosine (the ensemble of its cycle-end snapshots)
@@ -35,7 +36,7 @@ def reported(cfg: TrainConfig) -> tuple[frozenset[str], frozenset[str]]:
 
 # Which way is better, for the metrics that have a direction (a loss, an accuracy, a cost).
 _DIRECTIONS = {"samples_per_s": "max", "samples_per_s_total": "max", "data_wait_fraction": "min",
-               "step_time_s": "min", "peak_memory_mb": "min", "epoch_time_s": "min"}
+               "step_time_s": "min", "peak_memory_mb": "min", "epoch_time_s": "min", "num_params": "min"}
 
 
 def direction(metric: str) -> Optional[str]:

@@ -81,6 +81,7 @@ class SchedulerConfig(Section):
         return {"rung_eval": {"epochs": self.rung_epochs(epochs), "cooldown_fraction": self.cooldown_fraction}}
 
 
+REPEAT_INDEX = "__trial_index__"   # a repeat's index in its trial's config (ray.tune.search.repeater.TRIAL_INDEX)
 COOLDOWN_METRICS = ("val_acc", "val_loss")   # what a cooldown fork measures (training.cooldown.METRICS)
 
 
@@ -120,20 +121,89 @@ class BudgetConfig(Section):
 
 
 @dataclass(kw_only=True)
+class ObjectiveConfig(Section):
+    """One objective of a multi-objective search: a metric the trials report, and its direction."""
+    name: str = ""
+    mode: Optional[Literal["max", "min"]] = None   # required: null only as the unset default
+
+    def _validate(self):
+        if not self.name:
+            raise ConfigError("name", self.name, "a metric the trials report every epoch")
+        if self.mode is None:
+            raise ConfigError("mode", self.mode, "one of 'max', 'min'")
+
+
+@dataclass(kw_only=True)
+class WarmStartConfig(Section):
+    """Start from an earlier experiment's trials (tuning.tracking.warm_start): the ``top_k`` best of
+    experiment ``from``'s newest invocation that completed, read from MLflow. Optuna is told their
+    configs and results (they are not rerun); random search runs their configs first."""
+    from_: Optional[str] = None    # written ``from`` in a file (a Python keyword)
+    top_k: int = 10
+
+    KEYS = ("from", "top_k")
+
+    @classmethod
+    def from_dict(cls, d: Any, prefix: str = ""):
+        if isinstance(d, dict):
+            unknown = sorted(set(d) - {*cls.KEYS, "from_"})   # from_: the field's name, as to_dict of the tree writes it
+            if unknown:
+                raise ConfigError(f"{prefix}.{unknown[0]}" if prefix else unknown[0], d[unknown[0]],
+                                  f"one of the keys {list(cls.KEYS)}")
+            d = {("from_" if k == "from" else k): v for k, v in d.items()}
+        return super().from_dict(d, prefix)
+
+    def _validate(self):
+        if self.from_ is not None and (not self.from_ or any(c in self.from_ for c in "/\\")):
+            raise ConfigError("from", self.from_, "the name of an earlier experiment (no slashes)")
+        if self.top_k < 1:
+            raise ConfigError("top_k", self.top_k, ">= 1 (trials to start from)")
+
+
+@dataclass(kw_only=True)
 class ExperimentOptions(Section):
     name: str = "schedtune"
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
+    # Multi-objective: the objectives (the first is `metric`/`mode`, what early stopping, the best
+    # trial and the registered model go by); the parent run gets their Pareto front.
+    metrics: list[ObjectiveConfig] = field(default_factory=list)
     num_samples: int = 8
-    search: Literal["random", "optuna_tpe", "grid"] = "random"
+    search: Literal["random", "optuna_tpe", "optuna_nsga2", "grid"] = "random"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
     seed: int = 0                  # the searcher's seed: a rerun samples the same configs
     time_budget_s: Optional[float] = None   # wall-clock seconds of the whole search
     stop: StopConfig = field(default_factory=StopConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    repeats: int = 1               # seeds per sampled config (train.seed, +1, ...); ranked by their mean
+
+    @classmethod
+    def from_dict(cls, d: Any, prefix: str = ""):
+        """``metric`` and ``mode`` are the first objective's when ``metrics`` is given: written
+        beside it, they must say the same."""
+        obj = super().from_dict(d, prefix)
+        if obj.metrics and isinstance(d, dict):
+            first = obj.metrics[0]
+            for key, value in (("metric", first.name), ("mode", first.mode)):
+                if key in d and d[key] != value:
+                    raise ConfigError(f"{prefix}.{key}" if prefix else key, d[key],
+                                      f"{value!r} (the first of metrics) or unset")
+        return obj
+
+    @property
+    def objectives(self) -> list[ObjectiveConfig]:
+        """What the search optimizes: ``metrics``, else the one ``metric``."""
+        return self.metrics or [ObjectiveConfig(name=self.metric, mode=self.mode)]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.metrics) > 1
 
     def _validate(self):
+        if self.metrics:
+            self.metric, self.mode = self.metrics[0].name, self.metrics[0].mode
         if self.num_samples < 1:
             raise ConfigError("num_samples", self.num_samples, ">= 1")
         if self.max_concurrent_trials != "auto" and self.max_concurrent_trials < 1:
@@ -152,13 +222,38 @@ class ExperimentOptions(Section):
         if self.scheduler.name == "pbt" and self.search not in ("random", "grid"):
             raise ConfigError("scheduler.name", "pbt", "search: random or grid with pbt (PBT chooses the next "
                                                        "values itself, and Tune runs no searcher beside it)")
+        names = [m.name for m in self.metrics]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(f"metrics[{i}].name", name, "a metric not already in metrics")
+        if self.multi_objective and self.scheduler.name == "pbt":
+            raise ConfigError("metrics", names, "one metric with scheduler pbt (PBT exploits the trials that "
+                                                "rank best by one metric)")
+        if self.repeats < 1:
+            raise ConfigError("repeats", self.repeats, ">= 1 (seeds per sampled config)")
+        if self.repeats > 1 and self.scheduler.name == "pbt":
+            raise ConfigError("repeats", self.repeats, "1 with scheduler pbt (PBT copies weights across trials: the "
+                                                       "repeats of a config would not stay that config)")
+        if self.repeats > 1 and self.multi_objective:
+            raise ConfigError("repeats", self.repeats, "1 with several metrics (repeats rank configs by the mean "
+                                                       "of one metric)")
+        if self.warm_start.from_ is not None:
+            if self.search == "grid":
+                raise ConfigError("warm_start.from", self.warm_start.from_, "unset with search: grid (a grid "
+                                                                            "enumerates its points; nothing to start from)")
+            if self.warm_start.from_ == self.name:
+                raise ConfigError("warm_start.from", self.warm_start.from_, "another experiment than this one (name: "
+                                                                            f"{self.name}; --resume continues this one)")
 
 
 def check_against_space(file: str, options: ExperimentOptions, space: dict[str, Any]) -> None:
     """The experiment section's rules that need the space (``space``: key -> tuning.spec.Dist):
-    PBT perturbs keys of the space, each one a range or a choice."""
+    repeats set the seed, which the space cannot also search; PBT perturbs keys of the space."""
     from tuning.spec.errors import SpaceError
 
+    if options.repeats > 1 and "seed" in space:
+        raise SpaceError(file, "space.seed", space["seed"].kind, "no seed in space with experiment.repeats > 1 "
+                                                                  "(each repeat sets train.seed itself)")
     s = options.scheduler
     if s.name != "pbt":
         return

@@ -24,7 +24,7 @@ from tuning.spec.checks import SpaceWarning, check_spec
 from tuning.spec.code import prepare_code
 from tuning.spec.errors import SpaceError
 from tuning.spec.files import read_yaml_file
-from tuning.spec.options import ExperimentOptions
+from tuning.spec.options import REPEAT_INDEX, ExperimentOptions, check_against_space
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,11 @@ class ExperimentSpec:
     @property
     def indexed_choices(self) -> set[str]:
         """Choice keys sampled as an index: Optuna takes only scalar categories, so a choice
-        over sub-configs (e.g. whole schedules) is searched by position under optuna_tpe."""
-        if self.options.search != "optuna_tpe":
+        over sub-configs (e.g. whole schedules) is searched by position under optuna_tpe/_nsga2; so
+        is it by a random search with a warm start, whose first points Tune deep-merges into the param
+        space (a section-valued point would be merged into the choice's domain object itself)."""
+        o = self.options
+        if not (o.search.startswith("optuna") or o.warm_start.from_ is not None):
             return set()
         return {k for k, d in self.space.items()
                 if d.kind == "choice" and not all(isinstance(a, (str, int, float, bool)) for a in d.args)}
@@ -82,9 +85,11 @@ class ExperimentSpec:
                 for k, v in sample.items() if k in self.space}
 
     def trial_config(self, sample: dict[str, Any]) -> TrainConfig:
-        """The TrainConfig of one trial: the sampled dotted paths applied onto the base, and under
-        ``scheduler.rung_eval: cooldown`` the cooldown forks at ASHA's rung epochs (``train.rung_eval``)."""
-        return self.base.with_updates({**self.decode(sample),
+        """The TrainConfig of one trial: the sampled dotted paths applied onto the base; under
+        ``scheduler.rung_eval: cooldown`` the cooldown forks at ASHA's rung epochs (``train.rung_eval``);
+        under ``repeats`` the repeat's seed (train.seed + its index, REPEAT_INDEX in the sample)."""
+        repeat = {"seed": self.base.seed + sample[REPEAT_INDEX]} if REPEAT_INDEX in sample else {}
+        return self.base.with_updates({**self.decode(sample), **repeat,
                                        **self.options.scheduler.rung_eval_updates(self.base.epochs)})
 
     def describe(self) -> str:
@@ -98,6 +103,13 @@ class ExperimentSpec:
                  f"optim {self.base.optim.name} base_lr {self.base.optim.base_lr:g}, "
                  f"global batch {self.base.scaling.global_batch} ({self.base.scaling.num_workers} workers)",
                  "space:"]
+        extras = ([f"objectives: {', '.join(f'{m.name} ({m.mode})' for m in o.objectives)}; the Pareto front "
+                   f"goes to the parent run"] if o.multi_objective else [])
+        extras += [f"repeats: {o.repeats} seeds per config (train.seed + 0..{o.repeats - 1}), ranked by their "
+                   f"mean"] if o.repeats > 1 else []
+        extras += [f"warm start: the best {o.warm_start.top_k} completed trials of experiment "
+                   f"{o.warm_start.from_!r}"] if o.warm_start.from_ else []
+        lines[-1:-1] = extras
         width = max((len(k) for k in self.space), default=0)
         lines += [f"  {k:<{width}}  {d.describe()}" for k, d in self.space.items()] or ["  (empty: one config)"]
         return "\n".join(lines)
@@ -211,6 +223,7 @@ def _dict_text(file: str, doc: dict) -> str:
 
 
 def _check_search(file: str, o: ExperimentOptions, space: dict[str, Dist]) -> None:
+    check_against_space(file, o, space)
     if o.search == "grid":
         bad = [k for k, d in space.items() if d.kind not in ("grid", "choice")]
         if bad:
@@ -218,10 +231,10 @@ def _check_search(file: str, o: ExperimentOptions, space: dict[str, Dist]) -> No
                              "grid or choice (experiment.search: grid enumerates; use random for ranges)")
         if not space:
             raise SpaceError(file, "space", {}, "at least one grid/choice entry with search: grid")
-    if o.search == "optuna_tpe":
+    if o.search.startswith("optuna"):
         bad = [k for k, d in space.items() if d.kind == "grid"]
         if bad:
-            raise SpaceError(file, f"space.{bad[0]}", "grid", "loguniform, uniform, int or choice with optuna_tpe")
+            raise SpaceError(file, f"space.{bad[0]}", "grid", f"loguniform, uniform, int or choice with {o.search}")
 
 
 def grid_size(spec: ExperimentSpec) -> int:
@@ -234,7 +247,7 @@ def grid_size(spec: ExperimentSpec) -> int:
 
 
 def total_trials(spec: ExperimentSpec) -> int:
-    """How many trials the experiment runs: ``num_samples`` for every point of the grids."""
-    return spec.options.num_samples * grid_size(spec)
+    """How many trials the experiment runs: ``num_samples`` for every point of the grids, each ``repeats`` times."""
+    return spec.options.num_samples * grid_size(spec) * spec.options.repeats
 
 

@@ -39,6 +39,7 @@ ERROR = "schedtune.error"   # a failed trial's error, the line that says what we
 DIAGNOSIS = "schedtune.diagnosis"
 DIAGNOSIS_EVIDENCE = "schedtune.diagnosis_evidence"
 MODEL_WEIGHTS = "schedtune.model_weights"        # raw | ema: which weights the trial's model is
+PARETO_FRONT = "schedtune.pareto_front"          # "true" on the runs of a multi-objective experiment's front
 PBT_PERTURBATIONS = "schedtune.pbt.perturbations"  # how many times PBT perturbed the trial
 
 
@@ -90,6 +91,9 @@ JOB_USER = "schedtune.user"
 # -- artifact paths
 SEARCH_SPACE_ARTIFACT = "search_space.yaml"
 RESULTS_ARTIFACT = "results.md"
+PARETO_ARTIFACT = "pareto_front.md"              # parent of a multi-objective experiment: the front's table
+PARETO_JSON_ARTIFACT = "pareto_front.json"       # ... every trial's point and whether it is on the front
+PARETO_PLOT = "pareto_front.png"                 # ... under plots/
 PLOTS_DIR = "plots"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_CHECKPOINT = "checkpoints/best"
