@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, Report, fmt, parse_args, pick, ray_cluster
+from common import ROOT, Report, address_option, fmt, parse_args, pick, ray_cluster
 
 NAME = "asha"
 GOAL_EPOCH_FRACTION, GOAL_POINTS = 0.25, 0.5
@@ -32,6 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file", type=Path, default=ROOT / "search_spaces" / "quickstart.yaml")
     p.add_argument("--repeats", type=int, help="runs of each scheduler, in the order A B B A ... (wall times "
                                                 "drift on a busy machine); figures are means")
+    address_option(p)
 
 
 def make_spec(args: argparse.Namespace, scheduler: str):
@@ -89,7 +90,8 @@ def main() -> None:
     repeats = args.repeats or pick(args, 2, 1, 1)
     order = [s for i in range(repeats) for s in (("asha", "fifo") if i % 2 == 0 else ("fifo", "asha"))]
     every: dict[str, list[dict]] = {"asha": [], "fifo": []}
-    with tempfile.TemporaryDirectory(prefix="bench-asha-") as work, ray_cluster(num_cpus=2, connect=False) as cluster:
+    with tempfile.TemporaryDirectory(prefix="bench-asha-") as work, \
+            ray_cluster(num_cpus=2, connect=False, address=args.address) as cluster:
         for i, scheduler in enumerate(order):
             r = run(args, scheduler, cluster.address, Path(work) / str(i))
             every[scheduler].append(r)

@@ -261,29 +261,51 @@ def run_child(argv: list[str], timeout_s: float = 600.0, env: Optional[dict[str,
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-@contextlib.contextmanager
-def ray_cluster(num_cpus: int, connect: bool = True, env: Optional[dict[str, str]] = None) -> Iterator[Any]:
-    """A private ``tuning.driver.cluster.LocalCluster`` (auth off: it is private to this process),
-    connected to when ``connect``; stopped by PID afterwards."""
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    from tuning.driver.cluster import LocalCluster
+def address_option(p: argparse.ArgumentParser) -> None:
+    """``--address HOST:PORT``: run on that running Ray cluster instead of a private one (the
+    default); it must have the CPUs the script asks for free, and this process's RAY_AUTH_MODE
+    (and token) must be the cluster's."""
+    p.add_argument("--address", help="a running Ray cluster's GCS address (default: start a private local cluster)")
 
+
+@dataclass
+class AttachedCluster:
+    """A running cluster this process did not start (``--address``): never stopped here."""
+    address: str
+
+
+@contextlib.contextmanager
+def ray_cluster(num_cpus: int, connect: bool = True, env: Optional[dict[str, str]] = None,
+                address: Optional[str] = None) -> Iterator[Any]:
+    """A private ``tuning.driver.cluster.LocalCluster`` (auth off: it is private to this process),
+    connected to when ``connect``; stopped by PID afterwards. With ``address`` (``--address``):
+    that running cluster instead, as an ``AttachedCluster``, left running; this connection's Ray
+    workers get bench/ on their PYTHONPATH through its runtime environment (``env`` is the private
+    cluster's only)."""
     # Ray workers import this directory's modules (functions of the scripts pickled by reference).
     path = os.pathsep.join(p for p in (str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")) if p)
-    cluster = LocalCluster(num_cpus=num_cpus, env={"RAY_AUTH_MODE": "disabled", "PYTHONPATH": path, **(env or {})})
-    cluster.start()
+    own = None
+    if address is None:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        from tuning.driver.cluster import LocalCluster
+
+        own = LocalCluster(num_cpus=num_cpus, env={"RAY_AUTH_MODE": "disabled", "PYTHONPATH": path, **(env or {})})
+        own.start()
+    cluster = own if own is not None else AttachedCluster(address)
     try:
         if connect:
             import ray
 
-            ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+            runtime_env = None if own is not None else {"env_vars": {"PYTHONPATH": path}}
+            ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=False, logging_level="ERROR")
         yield cluster
     finally:
         if connect:
             import ray
 
             ray.shutdown()
-        cluster.stop()
+        if own is not None:
+            own.stop()
 
 
 class TreeSampler(threading.Thread):

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, Report, mean_std, parse_args, pick, ray_cluster
+from common import ROOT, Report, address_option, mean_std, parse_args, pick, ray_cluster
 
 NAME = "search"
 METHODS = {   # name -> (search, scheduler)
@@ -37,6 +37,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, help="searcher seeds 0..N-1 (each method runs once per seed)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--file", type=Path, default=ROOT / "search_spaces" / "quickstart.yaml")
+    address_option(p)
 
 
 def make_spec(args: argparse.Namespace, method: str, seed: int):
@@ -72,7 +73,8 @@ def main() -> None:
     rep = Report(NAME, args, "Search methods on the same space and budget")
     seeds = list(range(args.seeds or pick(args, 3, 1, 1)))
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
-    with tempfile.TemporaryDirectory(prefix="bench-search-") as work, ray_cluster(num_cpus=2, connect=False) as cluster:
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as work, \
+            ray_cluster(num_cpus=2, connect=False, address=args.address) as cluster:
         for seed in seeds:
             for method in args.methods:
                 r = run(args, method, seed, cluster.address, Path(work) / f"{method}-{seed}")

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from common import ROOT, Report, median, parse_args, pick, ray_cluster
+from common import ROOT, Report, address_option, median, parse_args, pick, ray_cluster
 from ray_trials import run_trial
 
 NAME = "tracking"
@@ -43,6 +43,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="logged epochs per measurement")
     p.add_argument("--backends", nargs="+", choices=["sqlite", "server"], default=["sqlite", "server"])
     p.add_argument("--skip-ray", action="store_true", help="part 1 only")
+    address_option(p)
 
 
 def quickstart_spec(epochs: int):
@@ -194,7 +195,7 @@ def critical_path(args: argparse.Namespace, spec, work: Path, uris: dict[str, st
 
     every = tracking.FLUSH_EVERY_S
     periods: dict[str, list[dict]] = {}
-    with ray_cluster(num_cpus=2):
+    with ray_cluster(num_cpus=2, address=args.address):
         if args.mode != "smoke":
             trial_period(spec, work, None, every, "warm-up")   # not counted
         variants = [("no tracker", None, every)]

@@ -5,6 +5,7 @@ parts that start MLflow stores, a Ray cluster or an mlflow server are marked slo
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,10 +41,15 @@ def load_bench(name: str):
 common = load_bench("common")
 
 
-def run_bench(name: str, tmp_path: Path, *flags: str, timeout: float = 600) -> dict[str, str]:
-    """``python bench/NAME.py --smoke --out tmp_path FLAGS``; its RESULT values."""
+def run_bench(name: str, tmp_path: Path, *flags: str, timeout: float = 600, cluster=None) -> dict[str, str]:
+    """``python bench/NAME.py --smoke --out tmp_path FLAGS``; its RESULT values. With ``cluster``
+    (the session's ``ray_cluster``, auth off): ``--address`` it, instead of the script starting and
+    stopping a private cluster of its own (~15 s apiece)."""
+    env = None
+    if cluster is not None:
+        flags, env = (*flags, "--address", cluster.address), {**os.environ, "RAY_AUTH_MODE": "disabled"}
     p = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--smoke", "--out", str(tmp_path), *flags],
-                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     last = p.stdout.strip().splitlines()[-1]
     bench, values = common.parse_result(last)
@@ -189,16 +195,16 @@ def test_gpu_smoke_ray_data(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_asha_smoke(tmp_path):
-    v = run_bench("asha", tmp_path)
+def test_asha_smoke(tmp_path, ray_cluster):
+    v = run_bench("asha", tmp_path, cluster=ray_cluster)
     assert v["same_configs"] == "yes"
     assert 0 < number(v["asha_epochs"]) <= number(v["fifo_epochs"]) == 3 * 3
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_search_smoke(tmp_path):
-    v = run_bench("search", tmp_path)
+def test_search_smoke(tmp_path, ray_cluster):
+    v = run_bench("search", tmp_path, cluster=ray_cluster)
     assert (v["seeds"], v["samples"], v["epochs"]) == ("1", "2", "2")
     budget = 2 * 2
     assert number(v["random_fifo_epochs"]) == number(v["pbt_epochs"]) == budget   # FIFO and PBT run to the end
@@ -210,8 +216,8 @@ def test_search_smoke(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_tracking_smoke_server_and_trials(tmp_path):
-    v = run_bench("tracking", tmp_path, "--backends", "server")
+def test_tracking_smoke_server_and_trials(tmp_path, ray_cluster):
+    v = run_bench("tracking", tmp_path, "--backends", "server", cluster=ray_cluster)
     assert number(v["server_send_one_epoch_ms"]) > 0 and number(v["trial_period_ms"]) > 0
     assert "trial_tracker_ms_server_every_0_05s" in v and "trial_tracker_fraction_server_every_2s" in v
     assert number(v["trial_period_ratio_server_every_2s"]) > 0

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import ROOT
 from tuning import cli
 
-NAME, SAMPLES, EPOCHS = "it-if-present", 3, 4
+NAME, SAMPLES, EPOCHS = "it-if-present", 3, 2
 
 
 def _cmd(address: str, tmp_path, *extra: str) -> list[str]:
