@@ -21,7 +21,8 @@ Every variant runs in a fresh Python process (its memory is the driver's own), a
 on one private Ray cluster. Driver memory: that process's RSS sampled every 0.5 s with the number of
 finished trials; its growth per 100 finished trials is the least-squares slope over the second half
 of the run (the first half holds start-up and imports). MLflow write time: the time spent in the
-tracker's Tune hooks (on Tune's event loop: what delays every trial) and in its sender thread.
+tracker's Tune hooks (on Tune's event loop: what delays every trial) and in its sender thread (making
+the trials' runs, sending metrics, ending the runs: uploads, plots, tags).
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ class MemorySampler(threading.Thread):
 class HookTimes:
     """Wall time spent in the MLflowTracker's methods, by method (thread-safe)."""
     HOOKS = ("setup", "on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error", "_send_metrics",
-             "finish")
+             "_make_run", "_finish_trial", "diagnose_and_plot", "finish")
 
     def __init__(self):
         self.total: dict[str, float] = {}
@@ -117,10 +118,13 @@ class HookTimes:
     def install(self) -> None:
         from tuning.tracking.callback import MLflowTracker
 
-        for name in self.HOOKS:
-            original = getattr(MLflowTracker, name)
+        import tuning.tracking.callback as tracking
 
-            setattr(MLflowTracker, name, self._timed(name, original))
+        for name in self.HOOKS:
+            if hasattr(MLflowTracker, name):   # a method; else a function the tracker calls by its module's name
+                setattr(MLflowTracker, name, self._timed(name, getattr(MLflowTracker, name)))
+            else:
+                setattr(tracking, name, self._timed(name, getattr(tracking, name)))
 
     def _timed(self, name: str, original):
         def timed(*a, **kw):
@@ -322,8 +326,10 @@ def report(rep: Report, args: argparse.Namespace, runs: dict[str, dict], cpus: i
     hooks, calls = s["hooks"], s["hook_calls"]
     loop = sum(v for k, v in hooks.items() if k.startswith("on_trial"))
     rep.section(f"MLflow writes for {s['trials']} child runs (schedtune, trivial trials)",
-                "Time inside the MLflowTracker: its Tune hooks run on Tune's event loop (the driver's "
-                "critical path); _send_metrics runs on the tracker's own thread (and in flushes the hooks make).")
+                "Time inside the MLflowTracker: its Tune hooks (on_trial_*) run on Tune's event loop (the driver's "
+                "critical path); the rest on the tracker's own thread (and the driver's last flush): _send_metrics "
+                "makes the trials' runs (_make_run, inside it) and sends metrics; _finish_trial ends a run "
+                "(diagnose_and_plot, inside it: the learning-curve plots).")
     rep.table(["method", "calls", "total s", "ms per trial"],
               [[k, calls.get(k, 0), v, 1000 * v / s["trials"]]
                for k, v in sorted(hooks.items(), key=lambda kv: -kv[1])])
@@ -353,7 +359,9 @@ def report(rep: Report, args: argparse.Namespace, runs: dict[str, dict], cpus: i
         values["fit_ratio"] = runs["s_fit"]["per_trial_s"] / runs["p_fit"]["per_trial_s"]
     values.update({"overhead_ratio": ratio, "memory_growth_vs_plain_mb_per_100": growth,
                    "tracker_loop_ms_per_trial": 1000 * loop / s["trials"],
-                   "tracker_send_s": hooks.get("_send_metrics", 0.0), **goals})
+                   "tracker_send_s": hooks.get("_send_metrics", 0.0),
+                   "tracker_sender_ms_per_trial": 1000 * (hooks.get("_send_metrics", 0.0) + hooks.get("_finish_trial", 0.0))
+                   / s["trials"], **goals})
     return values
 
 

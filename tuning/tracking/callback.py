@@ -8,10 +8,14 @@ artifacts. Runs are found again by tags (``schedtune.run_dir``, ``schedtune.tria
 resumed experiment never duplicates them. Metrics are buffered and sent in batches by a thread of
 their own, every ``FLUSH_EVERY_S``: Tune runs callbacks on its event loop, and a function trainable's
 ``report()`` waits until the driver has run them, so a send on that path would stall every trial
-(measured in bench/tracking.py); the same thread ends the trials' runs (uploads, plots, tags), so an
-upload that takes minutes never holds Tune up. A tracking server that goes away is retried at the
-next flush and never fails a trial. Uploads have a timeout and retries of their own; files that
-still do not get in are counted (``schedtune.lost_artifacts``) and said (tuning.tracking.uploads).
+(measured in bench/tracking.py); the same thread makes the trials' runs (a trial's run appears at
+the first flush after its start) and ends them (uploads, plots, tags), so neither a slow tracking
+server nor an upload that takes minutes holds Tune up (bench/scale.py). Once a trial's run has
+ended, the tracker keeps only what the driver reads at the end (its run id, diagnosis, lost files,
+tags), so its memory does not grow with the trials that have finished. A tracking server that goes
+away is retried at the next flush and never fails a trial. Uploads have a timeout and retries of
+their own; files that still do not get in are counted (``schedtune.lost_artifacts``) and said
+(tuning.tracking.uploads).
 """
 from __future__ import annotations
 
@@ -56,18 +60,19 @@ class MLflowTracker(Callback):
         self._logged_upto: dict[str, int] = {}   # trial -> last epoch already in MLflow (resume)
         self._final: set[str] = set()            # trials whose run ended before an interruption
         self._buffer: dict[str, list] = {}
-        self._trials: dict[str, Any] = {}          # trial id -> Tune Trial (to create a run late)
+        self._trials: dict[str, Any] = {}          # trial id -> Tune Trial, started and not yet ended in MLflow
         self._pending_end: dict[str, tuple] = {}   # trial id -> (trial, errored): ended, its run not yet
         self._last: dict[str, dict] = {}
-        self._history: dict[str, list[dict]] = {}  # trial -> per-epoch metrics (learning-curve diagnosis)
+        self._history: dict[str, list[dict]] = {}  # trial -> per-epoch metrics (diagnosis); kept once ended if it errored
+        self._fresh = False                        # the parent run is new in this process: no trial run to find
         self.diagnoses: dict[str, Any] = {}        # trial -> tuning.analysis.diagnose.Diagnosis, set when it ends
         self.trial_tags: dict[str, dict[str, str]] = {}   # trial -> tags other callbacks add (PBT, cost), sent as it ends
         self._warned = False
         self.lost_artifacts: Counter[str] = Counter()   # trial id (PARENT: the parent run) -> files not uploaded
         self.lost: dict[str, int] = {}             # read by bench/tracking.py
-        self._lock = threading.Lock()       # guards _buffer and _pending_end: Tune's loop adds, the sender takes
+        self._lock = threading.Lock()       # guards _buffer, _pending_end, _trials: Tune's loop adds, the sender takes
         self._sending = threading.RLock()   # one send at a time (the sender thread, or the driver's flush)
-        self._starting = threading.Lock()   # one run per trial: Tune's loop and the sender may both make it
+        self._starting = threading.Lock()   # one run per trial: the sender and the driver's last flush may both make it
         self._stop, self._wake = threading.Event(), threading.Event()   # _wake: a trial ended, send now
         self._sender: Optional[threading.Thread] = None
         MLflowTracker._live[run_dir] = self
@@ -133,7 +138,7 @@ class MLflowTracker(Callback):
         state = {k: v for k, v in self.__dict__.items() if k not in _THREAD_STATE}
         with self._lock:
             state["_buffer"] = {k: list(v) for k, v in self._buffer.items()}
-        return {**state, "_client": None, "_trials": {}, "_pending_end": {}}
+        return {**state, "_client": None, "_trials": {}, "_pending_end": {}, "_fresh": False}
 
     def __setstate__(self, state):  # state pickled before a field existed resumes with its default
         self.__init__(state["spec"], state["uri"], state["run_dir"], state["train_storage"])
@@ -174,6 +179,7 @@ class MLflowTracker(Callback):
         self.parent_run_id = self._find_run({schema.RUN_DIR: self.run_dir})
         if self.parent_run_id is None:
             self.parent_run_id = create_parent_run(self.client, self.experiment_id, self.spec, self.run_dir)
+            self._fresh = True
             self._log_parent_text(self.spec.text, schema.SEARCH_SPACE_ARTIFACT)
         self._start_sender()
 
@@ -194,16 +200,24 @@ class MLflowTracker(Callback):
                 self.flush()
 
     def _send_metrics(self) -> bool:
-        """Send the buffered metrics of trials with a run; False when MLflow is down (the rest stays, in order)."""
+        """Make the runs of trials that started, then send the buffered metrics; False when MLflow is
+        down (the rest stays, in order)."""
         with self._sending:
+            if not self._start_runs():
+                return False
             with self._lock:
                 trial_ids = list(self._buffer)
             for trial_id in trial_ids:
                 run_id = self._children.get(trial_id)
                 if run_id is None:
-                    continue   # no run yet (it started during an outage): the driver creates it
+                    continue   # it reported after this flush made the runs: the next flush sends it
                 with self._lock:
                     metrics = self._buffer.pop(trial_id, [])
+                # Reported before the trial's run was found again on --resume: what the run has is never sent twice.
+                upto = self._logged_upto.get(trial_id, 0)
+                metrics = [m for m in metrics if m.step > upto]
+                if metrics:
+                    self._final.discard(trial_id)   # it reports anew: its ending is still to come
                 while metrics:  # 1000 per call: MLflow's log_batch limit
                     if self._safe("log metrics", self.client.log_batch, run_id, metrics=metrics[:1000]) is FAILED:
                         with self._lock:
@@ -213,16 +227,29 @@ class MLflowTracker(Callback):
             return True
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        with self._starting:
-            self._start_run(trial)
+        """Note the trial; the sender thread makes (or, on resume, finds) its run at its next flush."""
+        with self._lock:
+            self._trials.setdefault(trial.trial_id, trial)
+        if self._sender is None and self.parent_run_id:   # restored by --resume: set-up may not have run
+            self._start_sender()
 
-    def _start_run(self, trial) -> None:
-        if trial.trial_id in self._children:
-            return
+    def _start_runs(self) -> bool:
+        """Make the runs of the trials that started since the last flush, in start order."""
+        with self._lock:
+            starting = [t for trial_id, t in self._trials.items() if trial_id not in self._children]
+        return all(self._start_run(t) for t in starting)
+
+    def _start_run(self, trial) -> bool:
+        """Make (or find again) the trial's run; False while MLflow is down (tried again at the next flush)."""
+        with self._starting:
+            return trial.trial_id in self._children or self._make_run(trial)
+
+    def _make_run(self, trial) -> bool:
         tags = {schema.PARENT_RUN_ID: self.parent_run_id, schema.TRIAL_ID: trial.trial_id}
-        run_id = self._safe("find a trial run", self._find_run, tags)
+        # A parent run made by this process has no trial runs but those made here: nothing to find.
+        run_id = None if self._fresh else self._safe("find a trial run", self._find_run, tags)
         if run_id is FAILED:
-            return
+            return False
         if run_id is not None:  # resumed: carry on after what the run already has
             self._safe("read a trial run", self._remember_logged, trial.trial_id, run_id)
         else:
@@ -230,11 +257,12 @@ class MLflowTracker(Callback):
             run = self._safe("create a trial run", self.client.create_run, self.experiment_id,
                              run_name=trial.trial_id, tags={**tags, schema.STATUS: schema.STATUS_RUNNING})
             if run is FAILED:
-                return
+                return False
             run_id = run.info.run_id
             self._safe("log params", self.client.log_batch, run_id,
                        params=[_param(k, v) for k, v in cfg.flat().items()])
         self._children[trial.trial_id] = run_id
+        return True
 
     def _remember_logged(self, trial_id: str, run_id: str) -> None:
         run = self.client.get_run(run_id)
@@ -247,7 +275,8 @@ class MLflowTracker(Callback):
         from mlflow.entities import Metric
 
         self._last[trial.trial_id] = result
-        self._trials[trial.trial_id] = trial
+        with self._lock:
+            self._trials.setdefault(trial.trial_id, trial)
         entry = {**{k: result[k] for k in ("epoch", "diverged_step") if k in result}, **training_metrics(result)}
         self._history[trial.trial_id] = [h for h in self._history.get(trial.trial_id, [])
                                          if h.get("epoch") != entry.get("epoch")] + [entry]
@@ -262,14 +291,11 @@ class MLflowTracker(Callback):
             self._start_sender()   # it sends them, and makes the run of a trial that started during an outage
 
     def flush(self) -> None:
-        """Send everything now (the sender thread; the driver at the end): late trial runs, metrics, trial endings."""
+        """Send everything now (the sender thread; the driver at the end): the runs of trials that
+        started (in start order), metrics, trial endings."""
         with self._sending:
             with self._lock:
-                waiting = [t for t, m in self._buffer.items() if m]
                 ended = list(self._pending_end.values())
-            for trial_id in waiting:
-                if trial_id not in self._children and trial_id in self._trials:
-                    self.on_trial_start(0, [], self._trials[trial_id])  # it started while MLflow was down
             if not self._send_metrics():
                 return  # still down: the rest stays buffered for the next flush
             for trial, errored in ended:   # trials that ended since, or during an outage
@@ -279,8 +305,8 @@ class MLflowTracker(Callback):
     def _end_trial(self, trial, errored: bool) -> None:
         """Queue the trial's ending for the sender thread (its metrics first, then the uploads and
         the tags); nothing here waits for MLflow."""
-        self._trials[trial.trial_id] = trial
         with self._lock:
+            self._trials.setdefault(trial.trial_id, trial)
             self._pending_end[trial.trial_id] = (trial, errored)
         if self._sender is None and self.parent_run_id:
             self._start_sender()
@@ -288,15 +314,13 @@ class MLflowTracker(Callback):
 
     def _finish_trial(self, trial, errored: bool) -> bool:
         """Tag, upload and close a trial's run; False (still pending) while MLflow is down."""
-        if trial.trial_id not in self._children:
-            self.on_trial_start(0, [], trial)
+        self._start_run(trial)
         run_id = self._children.get(trial.trial_id)
         if run_id is None or trial.trial_id in self._final or self._buffer.get(trial.trial_id):
             # no run yet / metrics still unsent: retry at the next flush; ended before an interruption: done
             done = trial.trial_id in self._final
             if done:
-                with self._lock:
-                    self._pending_end.pop(trial.trial_id, None)
+                self._release(trial.trial_id, errored)
             return done
         o, history, upload = self.spec.options, self._history.get(trial.trial_id, []), self.uploader.upload_counted
         last = self._last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}
@@ -326,10 +350,24 @@ class MLflowTracker(Callback):
         if self._safe("end a trial run", self.client.set_terminated, run_id,
                       "FAILED" if errored else "FINISHED") is FAILED:
             return False
-        self.lost_artifacts[trial.trial_id] = lost   # set, not added: a retried ending counts once
-        with self._lock:
-            self._pending_end.pop(trial.trial_id, None)
+        self.lost_artifacts.pop(trial.trial_id, None)   # set, not added: a retried ending counts once
+        if lost:
+            self.lost_artifacts[trial.trial_id] = lost
+        self._release(trial.trial_id, errored)
         return True
+
+    def _release(self, trial_id: str, errored: bool) -> None:
+        """The trial's run has ended: drop what only its ending needed (its Trial, last result,
+        buffer; its history unless it errored, as ``--resume`` may run it again). Kept: its run id,
+        diagnosis, lost files, tags."""
+        with self._lock:
+            self._pending_end.pop(trial_id, None)
+            self._trials.pop(trial_id, None)
+            if not self._buffer.get(trial_id):
+                self._buffer.pop(trial_id, None)
+        self._last.pop(trial_id, None)
+        if not errored:
+            self._history.pop(trial_id, None)
 
     def _trial_dir(self, trial) -> str:
         """The Tune trial's directory as a path or URI: ``trial.path`` is a path on Tune's storage
