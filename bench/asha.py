@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, Report, address_option, fmt, parse_args, pick, ray_cluster
+from common import ROOT, Report, fmt, parse_args, pick
+from processes import address_option, ray_cluster
 
 NAME = "asha"
 GOAL_EPOCH_FRACTION, GOAL_POINTS = 0.25, 0.5

@@ -16,7 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import diffs, psutil_module, run_child, self_memory
+from common import diffs, psutil_module
+from processes import run_child, self_memory
 
 
 def child(kind: str, cfg_dict: dict) -> dict:

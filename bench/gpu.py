@@ -175,7 +175,7 @@ def image_folder(root: Path, per_class: int, classes: int, side: int) -> float:
 def ray_data_fit(cfg_dict: dict, cpus: int, device) -> dict[str, float]:
     """fit on the JPEG folder read by Ray Data (``data.name: raydata``, format images: decoded by
     Ray Data's tasks on a private local cluster of ``cpus`` CPUs), as a 1-worker trial reads it."""
-    from common import ray_cluster
+    from processes import ray_cluster
     from training.config import TrainConfig
     from tuning.driver import ingest
 

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bare import import_costs
-from common import Report, diffs, median, parse_args, pick, ray_cluster, run_child
+from common import Report, diffs, median, parse_args, pick
+from processes import ray_cluster, run_child
 from ray_trials import run_trial
 
 NAME = "overhead"

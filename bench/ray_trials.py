@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from common import TreeSampler
+from processes import TreeSampler
 
 ROLES = ("ray::ImplicitFunc", "ray::TrainController", "ray::RayTrainWorker")   # a trial's processes
 

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from common import ROOT, Report, parse_args, pick, ray_cluster, run_child
+from common import ROOT, Report, parse_args, pick
+from processes import ray_cluster, run_child
 
 NAME = "scale"
 GOAL_OVERHEAD_RATIO = 1.1     # schedtune's per-trial overhead <= 1.1 x plain Tune's

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, Report, address_option, mean_std, parse_args, pick, ray_cluster
+from common import ROOT, Report, mean_std, parse_args, pick
+from processes import address_option, ray_cluster
 
 NAME = "search"
 METHODS = {   # name -> (search, scheduler)

@@ -30,7 +30,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from common import ROOT, Report, address_option, median, parse_args, pick, ray_cluster
+from common import ROOT, Report, median, parse_args, pick
+from processes import address_option, ray_cluster
 from ray_trials import run_trial
 
 NAME = "tracking"

@@ -15,26 +15,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+SHARED = ("common", "processes")   # the modules the scripts import by their plain names (bench/ on their path)
+
+
 def load_bench(name: str):
-    """bench/NAME.py as the module ``bench_NAME``; the scripts' ``from common import ...`` gets
-    bench/common.py (loaded as ``bench_common``) without putting bench/ on sys.path."""
-    common = sys.modules.get("bench_common")
-    if name != "common" and common is None:
-        common = load_bench("common")
+    """bench/NAME.py as the module ``bench_NAME``; the scripts' ``from common import ...`` and
+    ``from processes import ...`` get bench/common.py and bench/processes.py (loaded as
+    ``bench_common``, ``bench_processes``) without putting bench/ on sys.path."""
+    shared = {}
+    for dep in SHARED[:SHARED.index(name)] if name in SHARED else SHARED:
+        shared[dep] = sys.modules.get(f"bench_{dep}") or load_bench(dep)
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    saved = sys.modules.get("common")
-    if name != "common":
-        sys.modules["common"] = common
+    saved = {dep: sys.modules.get(dep) for dep in shared}
+    sys.modules.update(shared)
     try:
         spec.loader.exec_module(module)
     finally:
-        if name != "common":
-            if saved is None:
-                sys.modules.pop("common", None)
+        for dep, old in saved.items():
+            if old is None:
+                sys.modules.pop(dep, None)
             else:
-                sys.modules["common"] = saved
+                sys.modules[dep] = old
     return module
 
 
