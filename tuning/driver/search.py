@@ -10,6 +10,7 @@ merges a suggestion over the param space as is, where ``points_to_evaluate`` wou
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -73,11 +74,15 @@ class _SavesItsOwnState:
             pickle.dump({"searcher": inner, "wrapper": self.get_state()}, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        import tempfile
+
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
-        with open(checkpoint_path + ".searcher", "wb") as f:
-            f.write(state["searcher"])
-        self.searcher.restore(checkpoint_path + ".searcher")
+        with tempfile.TemporaryDirectory() as tmp:   # nothing left beside Tune's own files
+            inner = os.path.join(tmp, "searcher.pkl")
+            with open(inner, "wb") as f:
+                f.write(state["searcher"])
+            self.searcher.restore(inner)
         self.set_state(state["wrapper"])
 
 
