@@ -100,10 +100,11 @@ def optuna_search(spec: ExperimentSpec, warm: Optional["WarmStart"] = None):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    from tuning.driver.optuna_samplers import NSGAIISampler
     from tuning.spec.checks import nsga2_population
 
     o = spec.options
-    sampler = (optuna.samplers.NSGAIISampler(population_size=nsga2_population(o.num_samples), seed=o.seed)
+    sampler = (NSGAIISampler(population_size=nsga2_population(o.num_samples), seed=o.seed)
                if o.search == "optuna_nsga2" else optuna.samplers.TPESampler(seed=o.seed))
     names, modes = [m.name for m in o.objectives], [m.mode for m in o.objectives]
     warm_args = {"points_to_evaluate": warm.points, "evaluated_rewards": warm.rewards} if warm else {}

@@ -90,6 +90,34 @@ def test_nsga2_searches_every_objective_with_a_population_of_a_quarter_of_the_sa
     assert [nsga2_population(n) for n in (3, 16, 100, 1000)] == [4, 4, 25, 50]
 
 
+def test_the_nsga2_searcher_pickles_as_tune_pickles_it_and_breeds_the_same_after():
+    """Tune pickles the searcher with the experiment (at the Tuner's start and every checkpoint):
+    Optuna 5.1's NSGA-II holds a threading.Lock that cannot be pickled. A round trip mid-study, in
+    its second generation, leaves what it suggests unchanged."""
+    import pickle
+
+    import optuna
+    from ray import cloudpickle
+
+    spec = spec_with(metrics=TWO, search="optuna_nsga2", num_samples=16)
+    s = searcher(spec, limit=2)
+    assert s.set_search_properties("val_acc", "max", to_tune(spec))
+    assert pickle.loads(cloudpickle.dumps(s)).searcher._sampler._population_size == 4
+
+    def run(n, sampler):
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1) ** 2), n_trials=n)
+        return study, [t.params for t in study.trials]
+
+    from tuning.driver.optuna_samplers import NSGAIISampler
+    _, straight = run(12, NSGAIISampler(population_size=4, seed=3))
+    study, first = run(6, NSGAIISampler(population_size=4, seed=3))
+    study.sampler = pickle.loads(pickle.dumps(study.sampler))
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1) ** 2), n_trials=6)
+    assert [t.params for t in study.trials] == straight and first == straight[:6]
+    assert NSGAIISampler._GENERATION_KEY == optuna.samplers.NSGAIISampler._GENERATION_KEY
+
+
 def test_nsga2_with_too_few_samples_for_a_bred_generation_warns():
     spec = spec_with(metrics=TWO, search="optuna_nsga2", num_samples=6)
     assert any(w.key == "experiment.search" and "first generation (4 trials)" in w.why for w in spec.warnings)
