@@ -34,13 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from common import Report, mean_std, parse_args, pick
+from processes import map_single_threaded
 
 NAME = "large_batch"
 CHANCE_ERROR = 90.0   # 10 balanced classes
@@ -108,12 +108,6 @@ def variants(args: argparse.Namespace) -> dict[str, dict]:
 
 # ----------------------------------------------------------------------------- one run
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def run_one(job: tuple[dict, dict]) -> dict[str, Any]:
     """fit() one config (base dict + dotted updates); final and best val error in %."""
     from training.config import TrainConfig
@@ -128,14 +122,6 @@ def run_one(job: tuple[dict, dict]) -> dict[str, Any]:
         return {"final": CHANCE_ERROR, "best": CHANCE_ERROR, "diverged": True, "s": time.perf_counter() - t}
     return {"final": 100 * (1 - hist[-1]["val_acc"]), "best": 100 * (1 - max(h["val_acc"] for h in hist)),
             "diverged": False, "s": time.perf_counter() - t, "spe": hist[0]["step"]}
-
-
-def run_all(args: argparse.Namespace, jobs: list[tuple[dict, dict]]) -> list[dict]:
-    if args.jobs <= 1 or len(jobs) == 1:
-        _init_worker()
-        return [run_one(j) for j in jobs]
-    with mp.get_context("spawn").Pool(args.jobs, initializer=_init_worker) as pool:
-        return pool.map(run_one, jobs, chunksize=1)
 
 
 # ----------------------------------------------------------------------------- searches
@@ -253,7 +239,7 @@ def main() -> None:
             add((sbase, point), "random", draw)
     print(f"{len(jobs)} fit runs on {args.jobs} processes", flush=True)
     t = time.monotonic()
-    results = run_all(args, jobs)
+    results = map_single_threaded(run_one, jobs, args.jobs)
     print(f"done in {time.monotonic() - t:.0f} s", flush=True)
 
     def pick_results(kind: str, key: Any = None) -> list[dict]:

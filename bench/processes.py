@@ -1,6 +1,6 @@
 """The processes a benchmark runs and measures: a child Python process, a Ray cluster (a private
-one, or a running one with ``--address``), a sampler of a process tree's memory and CPU, and this
-process's own memory."""
+one, or a running one with ``--address``), a sampler of a process tree's memory and CPU, this
+process's own memory, and a pool of single-threaded worker processes for many small runs."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from common import ROOT, psutil_module
 
@@ -170,3 +170,45 @@ def self_memory() -> dict[str, float]:
     """This process's peak RSS and its current RSS and PSS, in MB."""
     mem = psutil_module().Process().memory_full_info()
     return {"peak_rss_mb": peak_rss_mb(), "rss_mb": mem.rss / 2**20, "pss_mb": getattr(mem, "pss", mem.rss) / 2**20}
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def map_single_threaded(fn: Callable[[Any], Any], jobs: Sequence[Any], processes: int, every_s: float = 30.0,
+                        out: Callable[[str], None] = print) -> list[Any]:
+    """``[fn(j) for j in jobs]`` on ``processes`` spawned processes, one torch thread each (in this
+    process where ``processes`` <= 1), in order; a progress line every ``every_s`` seconds (runs done,
+    elapsed, an estimate of what is left) and one at the end. ``fn`` must be importable (a module's
+    top-level function)."""
+    import multiprocessing as mp
+
+    t0, last, results = time.monotonic(), time.monotonic(), [None] * len(jobs)
+
+    def tell(done: int, force: bool = False) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if force or now - last >= every_s:
+            left = (now - t0) / done * (len(jobs) - done) if done else float("nan")
+            out(f"{done}/{len(jobs)} runs done, {now - t0:.0f} s elapsed, ~{left:.0f} s left")
+            last = now
+
+    if processes <= 1 or len(jobs) == 1:
+        _one_thread()
+        for i, job in enumerate(jobs):
+            results[i] = fn(job)
+            tell(i + 1, i + 1 == len(jobs))
+        return results
+    with mp.get_context("spawn").Pool(processes, initializer=_one_thread) as pool:
+        for done, (i, r) in enumerate(pool.imap_unordered(_indexed, [(fn, i, j) for i, j in enumerate(jobs)]), 1):
+            results[i] = r
+            tell(done, done == len(jobs))
+    return results
+
+
+def _indexed(item: tuple[Callable[[Any], Any], int, Any]) -> tuple[int, Any]:
+    fn, i, job = item
+    return i, fn(job)

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing as mp
 import os
 import time
 from typing import Any
 
 from common import ROOT, Report, mean_std, parse_args, pick
+from processes import map_single_threaded
 
 NAME = "rung_fidelity"
 SPACES = ("quickstart", "regularization", "large_batch")
@@ -92,12 +92,6 @@ def samples_of(spec, seed: int) -> list[dict]:
 KEPT = ("epoch", "step", "val_acc", "val_loss", "rung_val_acc", "rung_val_loss", "fork_steps")
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def run_one(job: tuple[dict, list[int], float]) -> dict[str, Any]:
     """fit() one trial config with forks of ``fraction`` at ``rung_epochs``: its per-epoch history
     (up to a divergence), steps per epoch, and the epoch it diverged in (None)."""
@@ -122,14 +116,6 @@ def run_one(job: tuple[dict, list[int], float]) -> dict[str, Any]:
 
         spe = plan_steps(cfg, len(load_data(cfg.data).train)).steps_per_epoch
     return {"history": history, "diverged": diverged, "spe": spe, "s": time.perf_counter() - t}
-
-
-def run_all(args: argparse.Namespace, jobs: list) -> list[dict]:
-    if args.jobs <= 1 or len(jobs) == 1:
-        _init_worker()
-        return [run_one(j) for j in jobs]
-    with mp.get_context("spawn").Pool(args.jobs, initializer=_init_worker) as pool:
-        return pool.map(run_one, jobs, chunksize=1)
 
 
 # ----------------------------------------------------------------------------- part 1: fidelity
@@ -257,7 +243,7 @@ def main() -> None:
                     keys.append((name, seed, i, f, sample))
     print(f"{len(jobs)} fit runs on {args.jobs} processes", flush=True)
     t = time.monotonic()
-    results = run_all(args, jobs)
+    results = map_single_threaded(run_one, jobs, args.jobs)
     print(f"done in {time.monotonic() - t:.0f} s", flush=True)
     trials: dict[tuple, dict] = {}
     for (name, seed, i, f, sample), r in zip(keys, results):

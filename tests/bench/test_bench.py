@@ -102,6 +102,20 @@ def test_markdown_table_and_numbers():
 
 # ----------------------------------------------------------------------------- scripts, no Ray
 
+def test_map_single_threaded_keeps_the_jobs_order_and_reports_progress():
+    # spawned processes (finishing in any order) import the module by its plain name, as the scripts do
+    code = ("import sys; sys.path.insert(0, 'bench'); from processes import map_single_threaded as m; "
+            "print(m(abs, [-3, -1, -2, -5], 2, every_s=0))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    *progress, result = p.stdout.strip().splitlines()
+    assert result == "[3, 1, 2, 5]"
+    assert [line.split(" runs done")[0] for line in progress] == ["1/4", "2/4", "3/4", "4/4"], progress
+    lines: list[str] = []   # one process: this one
+    assert load_bench("processes").map_single_threaded(abs, [-3, -1], 1, every_s=1e9, out=lines.append) == [3, 1]
+    assert len(lines) == 1 and lines[0].startswith("2/2 runs done") and lines[0].endswith("~0 s left")
+
+
 def test_large_batch_smoke(tmp_path):
     v = run_bench("large_batch", tmp_path)
     assert v["ordering_holds"] in ("yes", "no")
