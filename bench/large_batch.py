@@ -167,7 +167,7 @@ def k_sweep_section(args: argparse.Namespace, rep: Report, ks: list[int], seeds:
         rule, plain = pick_results("rule", k), pick_results("same_lr", k)
         (rm, rs), (pm, ps) = mean_std([r["final"] for r in rule]), mean_std([r["final"] for r in plain])
         ref = rm if k == 1 else ref
-        spe = next((r["spe"] for r in rule if "spe" in r), None)
+        spe = next((r["spe"] for r in (*rule, *plain) if "spe" in r), None)
         within = ref is not None and rm - ref <= WITHIN_POINTS
         rows.append([k, k * args.batch, spe, rm, rs, sum(r["diverged"] for r in rule), pm, ps, within])
         points += [(k * args.batch, r["final"], with_rule) for with_rule, runs in ((True, rule), (False, plain))
