@@ -70,6 +70,28 @@ def node_states(cluster: LocalCluster) -> dict[str, dict]:
 
     return {n["node_id"]: n for n in list_nodes(address=cluster.dashboard_url, limit=1000, detail=True)}
 
+def cluster_snapshot(cluster: LocalCluster) -> str:
+    """What a cluster holds now, for a test's failure message: its actors that are not dead (class,
+    state, job, placement group), its placement groups that are not removed (state, bundles), and
+    its resources free of total. Never raises (a failure message must not fail)."""
+    from ray.util.state import list_actors, list_placement_groups, summarize_tasks
+
+    lines = []
+    try:
+        for a in list_actors(address=cluster.dashboard_url, filters=[("state", "!=", "DEAD")], limit=1000,
+                             detail=True, raise_on_missing_output=False):
+            lines.append(f"actor {a['class_name']} {a['state']} job {a['job_id']} pid {a.get('pid')} "
+                         f"group {a.get('placement_group_id')}")
+        for g in list_placement_groups(address=cluster.dashboard_url, filters=[("state", "!=", "REMOVED")],
+                                       limit=1000, detail=True, raise_on_missing_output=False):
+            lines.append(f"placement group {g['placement_group_id']} {g['state']} job {g.get('creator_job_id')} "
+                         f"bundles {[b.get('unit_resources') for b in g.get('bundles', [])]}")
+        tasks = summarize_tasks(address=cluster.dashboard_url, raise_on_missing_output=False)
+        lines.append(f"tasks: {tasks}"[:2000])
+    except Exception as e:   # the dashboard may be what hangs
+        lines.append(f"(the state API did not answer: {e!r})")
+    return "\n".join(lines)
+
 
 # ----------------------------------------------------------------------------- S3 (moto)
 

@@ -94,6 +94,19 @@ def _trial_runs(client):
     return client.search_runs([exp.experiment_id], "tags.`schedtune.trial_id` != ''") if exp else []
 
 
+def _run_or_explain(cmd, cluster, cwd, timeout_s: float) -> subprocess.CompletedProcess:
+    """``cmd`` to its end; past ``timeout_s``, a failure that says what the cluster held then (its
+    actors and placement groups) beside the command's output, so a hang can be told from slowness."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        from tests.clusters import cluster_snapshot
+
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        pytest.fail(f"{cmd[3:5]} did not end within {timeout_s:g} s; its output:\n{out[-3000:]}\n"
+                    f"the cluster then:\n{cluster_snapshot(cluster)}")
+
+
 def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path):
     import mlflow
     import pyarrow.fs as pafs
@@ -112,7 +125,10 @@ def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path
         while time.monotonic() < deadline and proc.poll() is None:
             runs = _trial_runs(client) if (tmp_path / "mlflow.db").exists() else []
             status = sorted(r.data.tags.get("schedtune.status", "") for r in runs)
-            if status == ["completed", "running"]:   # the first trial is done, the second has started
+            # The first trial is done and the second has trained an epoch (so Tune's experiment state,
+            # saved every >= 10 s, has the first one's end, and the second resumes from a checkpoint).
+            if status == ["completed", "running"] and client.get_metric_history(
+                    next(r for r in runs if r.data.tags["schedtune.status"] == "running").info.run_id, "val_acc"):
                 interrupted = True
                 break
             time.sleep(0.3)
@@ -126,8 +142,7 @@ def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path
     assert f"results/{NAME}/{run_dir}/tuner.pkl" in keys          # restorable from S3 alone
     assert not (tmp_path / "schedtune_results").exists()
 
-    p = subprocess.run(_cmd(s3_cluster, spec_file, uri, "--resume"), capture_output=True, text=True, cwd=tmp_path,
-                       timeout=400)
+    p = _run_or_explain(_cmd(s3_cluster, spec_file, uri, "--resume"), s3_cluster, tmp_path, timeout_s=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"results in s3://{BUCKET}/results/{NAME}/{run_dir}" in p.stdout   # the same run, continued
 
