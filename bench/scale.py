@@ -18,8 +18,8 @@ Part 2, one-epoch fit trials of the quickstart (digits, 1 worker): schedtune's o
 ``tune.report`` (checkpoints included). Per-trial time is tuning wall time / trials.
 
 Every variant runs in a fresh Python process (its memory is the driver's own), alternating s and p,
-on one private Ray cluster. Driver memory: that process's RSS sampled every 0.5 s with the number of
-finished trials; its growth per 100 finished trials is the least-squares slope over the second half
+on one private Ray cluster (or the running one ``--address`` names; ``--cpus`` then says its CPUs).
+Driver memory: that process's RSS sampled every 0.5 s with the number of finished trials; its growth per 100 finished trials is the least-squares slope over the second half
 of the run (the first half holds start-up and imports). MLflow write time: the time spent in the
 tracker's Tune hooks (on Tune's event loop: what delays every trial) and in its sender thread (making
 the trials' runs, sending metrics, ending the runs: uploads, plots, tags).
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from common import ROOT, Report, parse_args, pick
-from processes import ray_cluster, run_child
+from processes import address_option, ray_cluster, run_child
 
 NAME = "scale"
 GOAL_OVERHEAD_RATIO = 1.1     # schedtune's per-trial overhead <= 1.1 x plain Tune's
@@ -55,6 +55,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-s", type=float, default=1.0, help="a trivial trial's length, s")
     p.add_argument("--epochs", type=int, default=2, help="results a trivial trial reports")
     p.add_argument("--cpus", type=int, help="the cluster's logical CPUs (default: this machine's cores)")
+    address_option(p)
 
 
 # ----------------------------------------------------------------------------- the trials
@@ -283,11 +284,12 @@ def main() -> None:
         return child_main(sys.argv[2:])
     args = parse_args(__doc__.splitlines()[0], configure)
     rep = Report(NAME, args, "The driver at scale: schedtune's driver and tracker vs plain Ray Tune")
-    n_trivial = args.trivial or pick(args, 1000, 200, 8)
-    n_fit = args.fit if args.fit is not None else pick(args, 200, 20, 2)
+    n_trivial = args.trivial or pick(args, 1000, 200, 4)
+    n_fit = args.fit if args.fit is not None else pick(args, 200, 20, 1)
     cpus = args.cpus or os.cpu_count() or 2
     runs: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as work, ray_cluster(num_cpus=cpus, connect=False) as c:
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as work, ray_cluster(num_cpus=cpus, connect=False,
+                                                                                   address=args.address) as c:
         runs["s_trivial"] = variant(args, "s", "trivial", n_trivial, c.address, Path(work))
         runs["p_trivial"] = variant(args, "p", "trivial", n_trivial, c.address, Path(work), runs["s_trivial"]["limit"])
         if n_fit:   # p first this time: drift on a busy machine hits both alike

@@ -18,6 +18,38 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_STORE_TEMPLATE: list[Path] = []   # the session's migrated empty store, made on first use
+
+
+def sqlite_store(path: Path) -> str:
+    """``sqlite:///PATH``: a fresh, empty MLflow store at ``path``, copied from one migrated for the
+    session. MLflow's Alembic migrations take ~3 s per new sqlite file; a copy takes milliseconds and
+    is the same store (MLflow opens it as its own schema, nothing pending). Tests of how schedtune
+    or MLflow *create* a store (tests/tuning/tracking/test_backend.py) make theirs the usual way."""
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        root = Path(tempfile.mkdtemp(prefix="schedtune-test-store-"))
+        SqlAlchemyStore(f"sqlite:///{root}/template.db", str(root / "mlruns")).search_experiments()
+        _STORE_TEMPLATE.append(root / "template.db")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_store_template():
+    yield
+    if _STORE_TEMPLATE:
+        import shutil
+
+        shutil.rmtree(_STORE_TEMPLATE[0].parent, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A 2-CPU private Ray cluster (token auth off: it is private to this test session)."""

@@ -1,7 +1,8 @@
 """The benchmark scripts run: each one's smallest mode (``--smoke``) ends with a well-formed
 RESULT line and writes its table. Figures are never asserted here (bench/ prints figures, tests
-don't time things). The pure-PyTorch parts run by default (about 30 s on 2 idle cores); the
-parts that start MLflow stores, a Ray cluster or an mlflow server are marked slow."""
+don't time things). The pure-PyTorch scripts run by default (about a minute on 2 idle cores);
+those that start MLflow stores, a Ray cluster or an mlflow server are marked slow. Each script
+runs once: the overhead and gpu smokes check their bare-process parts in the run with Ray."""
 from __future__ import annotations
 
 import importlib.util
@@ -158,29 +159,6 @@ def test_rung_fidelity_smoke(tmp_path):
     assert "cooldown-ASHA" in md and "Per schedule" in md
 
 
-def test_overhead_smoke_bare_processes(tmp_path):
-    v = run_bench("overhead", tmp_path, "--skip-ray")
-    assert number(v["a_samples_per_s"]) > 0 and number(v["b_samples_per_s"]) > 0 and number(v["ratio_b_a"]) > 0
-
-
-def test_gpu_smoke(tmp_path):
-    """bench/gpu.py's smoke run (a CPU, or a GPU where there is one): every part ran and said so;
-    goals are judged on a GPU only."""
-    v = run_bench("gpu", tmp_path)
-    for setting in ("fp32", "bf16", "bf16_cl"):            # compile: the full GPU run only
-        for what in ("model", "bare", "fit", "ratio"):
-            assert number(v[f"small_cnn_{setting}_{what}"]) > 0, (setting, what)
-        assert 0 <= number(v[f"small_cnn_{setting}_wait"]) <= 1
-    assert "small_cnn_bf16_cl_compile_fit" not in v and v["skipped"] == "0"
-    assert all(0 <= number(v[f"jpeg_wait_w{n}"]) <= 1 for n in (0, 2))
-    md = (tmp_path / "gpu.md").read_text()
-    assert "2,470 img/s" in md and "| loader workers |" in md
-    if v["device"] == "cpu":
-        assert (v["goal_fit_ratio_met"], v["goal_bf16_2x_met"], v["goal_wait_met"]) == ("-", "-", "-")
-        assert v["ddp_world"] == "2" and number(v["ddp_total"]) > 0        # 2 CPU processes over gloo
-        assert "say nothing about the GPU goals" in md
-
-
 @pytest.mark.slow   # no Ray, but creating an MLflow sqlite store takes ~10 s
 def test_tracking_smoke_sqlite(tmp_path):
     v = run_bench("tracking", tmp_path, "--backends", "sqlite", "--skip-ray")
@@ -192,8 +170,10 @@ def test_tracking_smoke_sqlite(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_overhead_smoke_ray(tmp_path):
+def test_overhead_smoke(tmp_path):
+    """Bare processes (a plain loop, fit) and Ray trials (1 and 2 workers) on a private cluster."""
     v = run_bench("overhead", tmp_path)
+    assert number(v["a_samples_per_s"]) > 0 and number(v["b_samples_per_s"]) > 0 and number(v["ratio_b_a"]) > 0
     for key in ("startup_c_s", "startup_d_s", "rss_d_gb", "ratio_c_a", "ratio_d_a"):
         assert number(v[key]) > 0
     assert v["goal_startup_d"] in ("yes", "no")
@@ -203,11 +183,25 @@ def test_overhead_smoke_ray(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_gpu_smoke_ray_data(tmp_path):
-    """bench/gpu.py's JPEG folder read through Ray Data (data.name: raydata) on a private cluster."""
+def test_gpu_smoke(tmp_path):
+    """bench/gpu.py's smoke run (a CPU, or a GPU where there is one), its JPEG folder also read through
+    Ray Data (data.name: raydata) on a private cluster: every part ran and said so; goals are judged
+    on a GPU only."""
     v = run_bench("gpu", tmp_path, "--ray-data")
     assert 0 <= number(v["jpeg_wait_ray_data"]) <= 1
     assert "| Ray Data (" in (tmp_path / "gpu.md").read_text()
+    for setting in ("fp32", "bf16", "bf16_cl"):            # compile: the full GPU run only
+        for what in ("model", "bare", "fit", "ratio"):
+            assert number(v[f"small_cnn_{setting}_{what}"]) > 0, (setting, what)
+        assert 0 <= number(v[f"small_cnn_{setting}_wait"]) <= 1
+    assert "small_cnn_bf16_cl_compile_fit" not in v and v["skipped"] == "0"
+    assert all(0 <= number(v[f"jpeg_wait_w{n}"]) <= 1 for n in (0, 2))
+    md = (tmp_path / "gpu.md").read_text()
+    assert "2,470 img/s" in md and "| loader workers " in md
+    if v["device"] == "cpu":
+        assert (v["goal_fit_ratio_met"], v["goal_bf16_2x_met"], v["goal_wait_met"]) == ("-", "-", "-")
+        assert v["ddp_world"] == "2" and number(v["ddp_total"]) > 0        # 2 CPU processes over gloo
+        assert "say nothing about the GPU goals" in md
 
 
 @pytest.mark.integration
@@ -242,12 +236,12 @@ def test_tracking_smoke_server_and_trials(tmp_path, ray_cluster):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_scale_smoke(tmp_path):
-    v = run_bench("scale", tmp_path)
-    assert number(v["trivial_trials"]) == 8 and number(v["concurrency"]) >= 1
+def test_scale_smoke(tmp_path, ray_cluster):
+    v = run_bench("scale", tmp_path, cluster=ray_cluster)
+    assert number(v["trivial_trials"]) == 4 and number(v["concurrency"]) >= 1
     for key in ("s_trivial_tuning_s", "p_trivial_tuning_s", "s_fit_per_trial_s", "p_fit_per_trial_s",
                 "tracker_loop_ms_per_trial"):
         assert number(v[key]) > 0
     assert v["goal_overhead"] in ("yes", "no") and v["goal_memory_flat"] in ("yes", "no")
     md = (tmp_path / "scale.md").read_text()
-    assert "MLflow writes for 8 child runs" in md and "on_trial_complete" in md
+    assert "MLflow writes for 4 child runs" in md and "on_trial_complete" in md

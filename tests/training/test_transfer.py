@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tests.fake_experiment import log_experiment
 from training import checkpoint as ckpt
 from training.config import TrainConfig
@@ -86,7 +86,7 @@ def registry(tmp_path_factory):
     from tuning.delivery.export import publish_model
 
     tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = sqlite_store(tmp / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         cfg = TrainConfig.from_dict(PRETRAIN).with_updates({"regularization.ema_decay": 0.9})

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from tests.conftest import sqlite_store
 from tuning.analysis.diagnose import (EXPLODE_FACTOR, IMPROVING_RATE, KINDS, Diagnosis, diagnose, exploded, moving_average,
                              series, trend)
 
@@ -313,7 +314,7 @@ def test_the_tracker_tags_each_trial_with_its_diagnosis_and_logs_plots(tmp_path,
     from tuning.tracking.callback import MLflowTracker
     from tests.conftest import ROOT
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     tracker = MLflowTracker(load_spec(ROOT / "search_spaces/quickstart.yaml"), uri, str(tmp_path / "run"),
                             str(tmp_path / "run/train"))
     tracker.setup()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import training.loop as loop
 from tests.fake_experiment import log_experiment
+from tests.conftest import sqlite_store
 from training import checkpoint as ckpt
 from training.config import ScheduleConfig, TrainConfig
 from training.data import load_data
@@ -160,7 +161,7 @@ def test_other_schedules_take_no_snapshots(tmp_path):
 def logged(tmp_path_factory):
     """Five digits trials in a sqlite MLflow; the fourth diverged (it must never be a member)."""
     root = tmp_path_factory.mktemp("ensemble-mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     cfgs = [cfg_with(seed=s, **{"optim.base_lr": lr, "regularization.ema_decay": ema})
             for s, lr, ema in ((0, 0.1, 0.0), (1, 0.03, 0.9), (2, 0.01, 0.0), (3, 0.2, 0.0), (4, 0.003, 0.0))]
     parent, trials = log_experiment(uri, "ens-test", cfgs, root / "work",

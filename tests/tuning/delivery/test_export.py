@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.fake_experiment import log_experiment
+from tests.conftest import sqlite_store
 from training.config import TrainConfig
 from training.data import load_data
 from training.loop import fit
@@ -114,7 +115,7 @@ def test_a_mismatching_export_fails_the_check(trained, tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     root = tmp_path_factory.mktemp("export-mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     cfgs = [TrainConfig.from_dict(MLP).with_updates({"seed": s, "regularization.ema_decay": 0.9}) for s in (0, 1)]
     parent, trials = log_experiment(uri, "export-test", cfgs, root / "work")
     return uri, trials

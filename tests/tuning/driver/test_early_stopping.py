@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning.spec import load_spec
 
 QUICK = ROOT / "search_spaces/quickstart.yaml"
@@ -36,7 +36,7 @@ def _run(ray_cluster, tmp_path, name, scheduler, lrs, epochs=3):
         "experiment.name": name, "experiment.num_samples": 1, "experiment.scheduler": scheduler,
         "experiment.max_concurrent_trials": 1, "train.epochs": epochs, "train.scaling.num_workers": 1,
         "space.optim.base_lr": {"grid": lrs}, "space.schedule": {"choice": [{"name": "cosine"}]}})
-    return run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    return run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=sqlite_store(tmp_path / "mlflow.db"),
                           address=ray_cluster.address, out=lambda line: None, register_model=False)
 
 

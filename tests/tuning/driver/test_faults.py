@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -19,7 +19,7 @@ def test_a_diverged_trial_is_tagged_and_never_best(ray_cluster, tmp_path):
         "experiment.name": "it-diverge", "experiment.num_samples": 1, "experiment.scheduler": {"name": "fifo"},
         "train.epochs": 2, "train.scaling.num_workers": 1, "train.schedule": {"name": "constant", "warmup": "none"},
         "space.optim.base_lr": {"grid": [1.0e6, 0.05]}, "space.schedule": {"choice": [{"name": "constant"}]}})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=uri, address=ray_cluster.address,
                             out=lambda line: None)
     by_lr = {r.params["optim.base_lr"]: r for r in result.rows}
@@ -50,7 +50,7 @@ def test_a_worker_group_that_cannot_start_fails_its_trial_saying_what_is_missing
         "train.epochs": 1, "train.scaling.num_workers": 2, "train.scaling.cpus_per_worker": 0.5})
     env = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "3"}
     with LocalCluster(num_cpus=1, env=env) as cluster:
-        result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=sqlite_store(tmp_path / "mlflow.db"),
                                 address=cluster.address, out=lambda line: None)
     [row] = result.rows
     assert row.status == "failed" and result.best is None
@@ -107,7 +107,7 @@ def test_a_killed_train_worker_resumes_from_the_last_checkpoint(ray_cluster, tmp
     from ray.util.state import list_actors
 
     epochs = 8
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     proc = subprocess.Popen(_tune_cmd(ray_cluster, tmp_path, "it-kill-worker", uri, "experiment.num_samples=1",
                                       f"train.epochs={epochs}", "train.scaling.num_workers=2",
                                       "train.scaling.cpus_per_worker=0.5"),

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from training.config import ConfigError, TrainConfig
 from training.data import split_indices
 
@@ -204,7 +204,7 @@ def test_trials_reading_parquet_through_ray_data_reach_the_in_memory_accuracy(ra
                                 "scaling": {**quickstart["train"]["scaling"], "cpus_per_worker": 0.25}},
                       "space": {"data": {"grid": [{"name": "digits"}, source(digits_parquet)]},
                                 "scaling.num_workers": {"grid": [2, 1]}}})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=uri, address=ray_cluster.address,
                             out=lambda line: None, register_model=False)
     assert [r.status for r in result.rows] == ["completed"] * 4, [(r.status, r.error) for r in result.rows]

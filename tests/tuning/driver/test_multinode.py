@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from tests.clusters import actors_by_group, multinode_cluster, node_states
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tests.tuning.driver.test_faults import _children, _tune_cmd, _val_steps, _wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -67,7 +67,7 @@ def test_every_trial_s_worker_group_spans_distinct_worker_nodes(nodes, tmp_path)
         "train.epochs": 1, "train.scaling.num_workers": 2, "train.scaling.cpus_per_worker": 1.0,
         "train.scaling.placement": "spread"})
     before, runs_before = set(actors_by_group(nodes)), set(_train_runs(nodes))
-    result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=sqlite_store(tmp_path / "mlflow.db"),
                             address=nodes.address, out=lambda line: None, register_model=False)
     assert [r.status for r in result.rows] == ["completed"] * samples, [r.error for r in result.rows]
 
@@ -95,7 +95,7 @@ def test_a_lost_worker_node_costs_at_most_its_epoch_in_flight(nodes, tmp_path):
     from ray.util.state import list_actors
 
     epochs, name = 8, "it-node-loss"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     proc = subprocess.Popen(_tune_cmd(nodes, tmp_path, name, uri, "experiment.num_samples=1",
                                       f"train.epochs={epochs}", "train.scaling.num_workers=2",
                                       "train.scaling.cpus_per_worker=1.0", "train.scaling.placement=spread"),

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.clusters import RAY_OFF, running_s3
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning.driver.cluster import LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -115,7 +115,7 @@ def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path
     from training import checkpoint as ckpt
 
     pretrained = _put_pretrained_weights(s3)
-    spec_file, uri = _spec_file(tmp_path), f"sqlite:///{tmp_path}/mlflow.db"
+    spec_file, uri = _spec_file(tmp_path), sqlite_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     proc = subprocess.Popen(_cmd(s3_cluster, spec_file, uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path)

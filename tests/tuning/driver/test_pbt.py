@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning.spec import SpaceError, load_spec
 
 QUICK = ROOT / "search_spaces/quickstart.yaml"
@@ -170,7 +170,7 @@ def _run_pbt(ray_cluster, tmp_path, workers: int):
                     "train.schedule": {"name": "constant", "warmup": "none"},
                     "space.schedule": {"choice": [{"name": "constant"}]},
                     "space.model.dropout": {"uniform": [0.0, 0.01]}})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     result = run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=uri, address=ray_cluster.address,
                             out=lambda line: None, register_model=False)
     return spec, result, uri

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -56,7 +56,7 @@ def test_tune_joins_the_cluster_in_ray_address_and_draws_its_own_bar(head, tmp_p
     env.update({"RAY_ADDRESS": head.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token,
                 "COLUMNS": "160"})
     argv = [sys.executable, "-m", "tuning.cli", "tune", str(ROOT / "search_spaces/quickstart.yaml"), "--smoke",
-            "--name", "joined", "--storage", str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+            "--name", "joined", "--storage", str(tmp_path / "results"), "--tracking-uri", sqlite_store(tmp_path / "m.db")]
     code, screen, below = run_on_a_terminal(argv, env, tmp_path)
     assert code == 0, screen[-3000:]
     assert f"joining the Ray cluster at {head.address} (RAY_ADDRESS" in screen

@@ -1,9 +1,13 @@
-"""`schedtune tune --resume` after the tuning process is killed mid-experiment: it finishes with
-everything a run that was never interrupted has (one run per trial, the best run id, the registered
-model with its alias, the results table, the plots), and no trial is run twice."""
+"""`schedtune tune --resume-if-present` (what a retried RayJob runs) twice: with no run of the
+experiment it starts one; after the tuning process is killed mid-experiment the same command resumes
+that run (its results directory, its MLflow parent run) and finishes with everything a run that was
+never interrupted has (one run per trial, the best run id, the registered model with its alias, the
+results table, the plots); no trial is run twice. (Plain ``--resume``: tests/tuning/driver/
+test_object_storage.py, on S3; with nothing to resume: tests/tuning/cli/test_resume_nothing.py.)"""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +15,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -23,10 +27,10 @@ LRS = [0.05, 1.0e-6, 1.0e-6, 0.05]
 SAMPLES = len(LRS)
 
 
-def _cmd(ray_cluster, tmp_path, *extra):
+def _cmd(ray_cluster, tmp_path, uri, *extra):
     return [sys.executable, "-m", "tuning.cli", "tune", str(ROOT / "search_spaces/quickstart.yaml"),
             "--address", ray_cluster.address, "--storage", str(tmp_path / "results"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--name", NAME,
+            "--tracking-uri", uri, "--name", NAME,
             "--num-samples", "1", "--workers", "1",
             "--set", f"train.epochs={EPOCHS}",
             "--set", "experiment.scheduler={name: asha, grace_period: 1, reduction_factor: 3}",
@@ -35,6 +39,12 @@ def _cmd(ray_cluster, tmp_path, *extra):
             # big enough that a trial takes seconds: the kill lands between trials' ends
             "--set", "train.data={name: synthetic, num_samples: 20000}", "--set", "train.model.hidden=[512, 512]",
             *extra]
+
+
+def _results_dir(out: str) -> str:
+    found = re.search(rf"{NAME}: \d+ trials, \d+ at a time, results in (\S+),", out)
+    assert found, out[-3000:]
+    return found.group(1)
 
 
 def _children(client):
@@ -53,8 +63,9 @@ def _ended(runs) -> dict[str, tuple[str, int]]:
 def test_resume_after_kill_completes_without_rerunning_and_asha_decisions_stand(ray_cluster, tmp_path):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    proc = subprocess.Popen(_cmd(ray_cluster, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    uri = sqlite_store(tmp_path / "mlflow.db")
+    client = mlflow.MlflowClient(uri)
+    proc = subprocess.Popen(_cmd(ray_cluster, tmp_path, uri, "--resume-if-present"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, start_new_session=True)
     before: dict[str, tuple[str, int]] = {}
     deadline = time.monotonic() + 300
@@ -71,10 +82,13 @@ def test_resume_after_kill_completes_without_rerunning_and_asha_decisions_stand(
         out = proc.communicate(timeout=60)[0]
     assert before, f"no trial completed and none was stopped by ASHA before the deadline:\n{out[-3000:]}"
     assert len(before) < SAMPLES, "the experiment finished before it could be interrupted"
+    started = _results_dir(out)                                # no run was present: one started
+    assert started.startswith(f"{tmp_path / 'results'}/{NAME}/")
 
-    p = subprocess.run(_cmd(ray_cluster, tmp_path, "--resume"), capture_output=True, text=True, cwd=tmp_path,
-                       timeout=400)
+    p = subprocess.run(_cmd(ray_cluster, tmp_path, uri, "--resume-if-present"), capture_output=True, text=True,
+                       cwd=tmp_path, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert _results_dir(p.stdout) == started                   # present now: the same run, continued
     table = [line for line in p.stdout.splitlines() if line.startswith("| ") and "_0000" in line]
     assert len(table) == SAMPLES, p.stdout
 

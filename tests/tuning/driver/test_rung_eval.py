@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning.driver.trial_schedulers import ASHAState, CooldownASHA, make_scheduler
 from tuning.spec import load_spec
 from tuning.spec.options import SchedulerConfig
@@ -79,7 +79,7 @@ def test_a_cooldown_asha_experiment_end_to_end(ray_cluster, tmp_path):
     from tuning.cli import main
     from tuning.driver.experiment import run_experiment
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     spec = load_spec(ROOT / "search_spaces/large_batch.yaml", {
         "experiment.name": "it-cooldown", "experiment.num_samples": 1, "experiment.max_concurrent_trials": 1,
         "experiment.scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2, "rung_eval": "cooldown"},

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning.spec import SpaceError, load_spec
 
 QUICK = ROOT / "search_spaces/quickstart.yaml"
@@ -164,7 +164,7 @@ def _run(ray_cluster, tmp_path, over):
 
     spec = _spec(**{"experiment.max_concurrent_trials": 1, "experiment.scheduler": {"name": "fifo"},
                     "space.optim.base_lr": {"loguniform": [0.02, 0.1]}, **over})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     return spec, run_experiment(spec, storage=str(tmp_path / "r"), tracking_uri=uri, address=ray_cluster.address,
                                 out=lambda line: None, register_model=False), uri
 

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from tests.tuning.driver.conftest import Head, hold_token
+from tests.conftest import sqlite_store
 from tuning.spec import SpaceError
 from tuning.driver.submit import SubmitError, SubmitResult, _client, _interrupted, entrypoint, list_jobs, submit_experiment
 
@@ -59,7 +60,7 @@ class FirstJob:
 def first_job(head) -> FirstJob:
     """The smoke quickstart submitted through the Python API and followed to its end, once for
     the tests that check it ran and that `schedtune jobs` lists it."""
-    uri = f"sqlite:///{head.tmp}/mlflow.db"
+    uri = sqlite_store(head.tmp / "mlflow.db")
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         hold_token(mp, head)
@@ -272,7 +273,7 @@ def test_submitted_smoke_experiment_succeeds_and_its_trials_are_in_mlflow(head, 
 def test_cli_jobs_lists_the_job_and_stop_stops_a_second_one(auth, first_job):
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth.token}
     p = cli("submit", str(QUICKSTART), "--smoke", "--address", auth.url, "--no-wait",
-            "--storage", str(auth.tmp / "stopped"), "--tracking-uri", f"sqlite:///{auth.tmp}/stopped.db", env=env)
+            "--storage", str(auth.tmp / "stopped"), "--tracking-uri", sqlite_store(auth.tmp / "stopped.db"), env=env)
     no_token(auth, p.stdout, p.stderr)
     assert p.returncode == 0, p.stderr
     second = p.stdout.strip()
@@ -332,6 +333,6 @@ def test_a_token_connection_earlier_in_the_process_does_not_break_a_later_experi
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     spec = load_spec(QUICKSTART, {**SMOKE, "experiment.name": "after-token", "experiment.num_samples": 1,
                                   "train.epochs": 1, "experiment.scheduler": {"name": "fifo"}})
-    result = run_experiment(spec, storage=str(tmp_path / "results"), tracking_uri=f"sqlite:///{tmp_path}/m.db",
+    result = run_experiment(spec, storage=str(tmp_path / "results"), tracking_uri=sqlite_store(tmp_path / "m.db"),
                             address=ray_cluster.address, out=lambda line: None, register_model=False)
     assert [r.status for r in result.rows] == ["completed"], [r.error for r in result.rows]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning import cli
 from tuning.driver.user_code import driver_environ, trial_runtime_env
 from tuning.spec.code import collisions
@@ -130,7 +130,7 @@ def test_tune_smoke_trains_the_users_model_and_data_a_failing_one_fails_alone_an
         user_project, tmp_path):
     import torch
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     p = schedtune("tune", str(user_project.space), "--smoke", "--num-samples", "1", "--storage",
                   str(tmp_path / "results"), "--tracking-uri", uri, cwd=user_project.elsewhere, timeout=800)
     out = p.stdout
@@ -167,7 +167,7 @@ def test_tune_smoke_trains_the_users_model_and_data_a_failing_one_fails_alone_an
 @pytest.mark.timeout(900)
 def test_submit_ships_the_users_code_from_elsewhere_then_jobs_and_logs_need_no_address(head, user_project, tmp_path):
     token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": head.token}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     p = schedtune("submit", str(user_project.space), "--set", "space.model.args.width={grid: [6]}",
                   "--storage", str(tmp_path / "results"), "--tracking-uri", uri,
                   cwd=user_project.elsewhere, env={**token, "RAY_API_SERVER_ADDRESS": head.url}, timeout=800)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tests.tuning.analysis.test_diagnose import one_thread  # noqa: F401  (a fixture: one torch thread for tiny models)
 from training.config import TrainConfig
 from tuning.recipe.probes import (default_lrs, initial_loss, initial_loss_verdict, lr_sweep, overfit_small, overfit_verdict,
@@ -163,7 +163,7 @@ def test_fixed_samples_searcher(tmp_path):
 def test_probe_steps_alone_from_the_cli(tmp_path, capsys, one_thread):
     from tuning.cli import main
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     args = ["recipe", str(QUICK), "--out", str(tmp_path / "out"), "--tracking-uri", uri]
     assert main(args + ["--step", "lr-find", "--step", "initial-loss"]) == 0
     printed = capsys.readouterr().out
@@ -191,7 +191,7 @@ def test_recipe_end_to_end_on_digits(ray_cluster, tmp_path, one_thread):
     spec = load_spec(QUICK, {"experiment.name": "it-recipe", "experiment.num_samples": 8,
                              "train.scaling.num_workers": 1, "train.scaling.batch_per_worker": 64,
                              "train.scaling.cpus_per_worker": 0.5})
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     lines: list[str] = []
     recipe = Recipe(spec, tmp_path / "out", tracking_uri=uri, storage=str(tmp_path / "results"),
                     address=ray_cluster.address, top_k=3, coarse_epochs=3, refine_epochs=10, out=lines.append)

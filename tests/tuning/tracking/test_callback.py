@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sqlite_store
 from tuning.spec import load_spec
 from tuning.tracking.trial_files import best_and_last, find_checkpoints
 from tuning.tracking.callback import FAILED, MLflowTracker
@@ -94,7 +94,7 @@ def test_runs_ranks_trials_by_their_best_epoch_and_broken_ones_last(tmp_path):
 
     from tuning.cli.runs import print_runs
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("runs-test", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={"schedtune.role": "experiment"}).info.run_id
@@ -168,7 +168,7 @@ def test_a_restored_tracker_finds_the_runs_of_trials_that_ended_before_the_inter
     (the results table, the best run id and the registered model need it: issue 18, item 6)."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("restored", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={"schedtune.role": "experiment", "schedtune.run_dir": "/r"}).info.run_id
@@ -293,7 +293,7 @@ def test_a_restored_tracker_finds_a_run_made_after_the_state_was_saved_and_never
 
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     tracker = MLflowTracker(load_spec(QUICK), uri, str(tmp_path / "run"), str(tmp_path / "train"))
     tracker.setup()
     try:

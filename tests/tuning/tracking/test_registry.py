@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import end_group
+from tests.conftest import end_group, sqlite_store
 from tests.fake_experiment import log_experiment
 from training.config import TrainConfig
 from training.data import load_data
@@ -35,7 +35,7 @@ MLP = {"epochs": 2, "seed": 0, "data": {"name": "digits"}, "model": {"name": "ml
 def experiment(tmp_path_factory):
     """A sqlite MLflow with two trials of NAME (the better one first): (uri, parent run id, [trials])."""
     root = tmp_path_factory.mktemp("served")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         cfgs = [TrainConfig.from_dict(MLP).with_updates({"seed": 0}),

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.conftest import sqlite_store
 from tuning.tracking import schema
 from tuning.tracking.system_metrics import (DEFAULT_INTERVAL_S, INTERVAL_ENV, NodeSampler, Target, node_roles,
                                             only_gpus, reachable, target, visible_gpus)
@@ -61,7 +62,7 @@ def test_a_node_only_logs_to_a_store_it_can_reach(tmp_path):
 def _store(tmp_path):
     import mlflow
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("sysm", artifact_location=str(tmp_path / "artifacts"))
     parent = client.create_run(exp, tags={schema.RUN_DIR: "/results/sysm/1"}).info.run_id
@@ -142,7 +143,7 @@ def _experiment(tmp_path, monkeypatch, address: str, uri: str, name: str, update
 @pytest.mark.timeout(600)
 def test_a_one_worker_trial_has_its_nodes_system_metrics(ray_cluster, tmp_path, monkeypatch):
     """The embedded default: a sqlite store the trial's process writes into beside the driver."""
-    client, run, result = _experiment(tmp_path, monkeypatch, ray_cluster.address, f"sqlite:///{tmp_path}/mlflow.db",
+    client, run, result = _experiment(tmp_path, monkeypatch, ray_cluster.address, sqlite_store(tmp_path / "mlflow.db"),
                                       "it-sysm-1", {"train.scaling.num_workers": 1,
                                                     "train.scaling.cpus_per_worker": 1.0})
     cpu = _in_range(client, run.info.run_id, "system/")

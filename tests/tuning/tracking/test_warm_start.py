@@ -8,6 +8,7 @@ import copy
 
 import pytest
 
+from tests.conftest import sqlite_store
 from tuning.spec import SpaceError, load_spec
 from tuning.tracking import schema
 from tuning.tracking.entities import param
@@ -37,7 +38,7 @@ def store(tmp_path_factory):
     from training.config import TrainConfig
 
     root = tmp_path_factory.mktemp("warm")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = sqlite_store(root / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("earlier", artifact_location=str(root / "artifacts"))
     parent = client.create_run(exp, tags={schema.ROLE: schema.ROLE_EXPERIMENT}).info.run_id
