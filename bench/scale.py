@@ -19,8 +19,9 @@ Part 2, one-epoch fit trials of the quickstart (digits, 1 worker): schedtune's o
 
 Every variant runs in a fresh Python process (its memory is the driver's own), alternating s and p,
 on one private Ray cluster (or the running one ``--address`` names; ``--cpus`` then says its CPUs).
-Driver memory: that process's RSS sampled every 0.5 s with the number of finished trials; its growth per 100 finished trials is the least-squares slope over the second half
-of the run (the first half holds start-up and imports). MLflow write time: the time spent in the
+Driver memory: that process's RSS sampled every 0.5 s with the number of finished trials; its
+growth per 100 finished trials is the least-squares slope over the second half of the run (the
+first half holds start-up and imports). MLflow write time: the time spent in the
 tracker's Tune hooks (on Tune's event loop: what delays every trial) and in its sender thread (making
 the trials' runs, sending metrics, ending the runs: uploads, plots, tags).
 """

@@ -70,10 +70,11 @@ def node_states(cluster: LocalCluster) -> dict[str, dict]:
 
     return {n["node_id"]: n for n in list_nodes(address=cluster.dashboard_url, limit=1000, detail=True)}
 
+
 def cluster_snapshot(cluster: LocalCluster) -> str:
     """What a cluster holds now, for a test's failure message: its actors that are not dead (class,
-    state, job, placement group), its placement groups that are not removed (state, bundles), and
-    its resources free of total. Never raises (a failure message must not fail)."""
+    state, job, placement group), its placement groups that are not removed (state, bundles), and a
+    summary of its tasks by state. Never raises (a failure message must not fail)."""
     from ray.util.state import list_actors, list_placement_groups, summarize_tasks
 
     lines = []

@@ -96,7 +96,7 @@ def _trial_runs(client):
 
 def _run_or_explain(cmd, cluster, cwd, timeout_s: float) -> subprocess.CompletedProcess:
     """``cmd`` to its end; past ``timeout_s``, a failure that says what the cluster held then (its
-    actors and placement groups) beside the command's output, so a hang can be told from slowness."""
+    actors, placement groups and tasks) beside the command's output, so a hang can be told from slowness."""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
@@ -123,7 +123,7 @@ def test_experiment_on_s3_is_killed_and_resumed_from_it(s3, s3_cluster, tmp_path
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            runs = _trial_runs(client) if (tmp_path / "mlflow.db").exists() else []
+            runs = _trial_runs(client)
             status = sorted(r.data.tags.get("schedtune.status", "") for r in runs)
             # The first trial is done and the second has trained an epoch (so Tune's experiment state,
             # saved every >= 10 s, has the first one's end, and the second resumes from a checkpoint).
